@@ -1,0 +1,91 @@
+"""Image loading and CLIP/SigLIP-style preprocessing, matching what the vision towers expect.
+
+The steps mirror the HF image processors used by the original code (shortest-side bicubic
+resize, centre crop, scale to [0, 1], per-channel normalisation) plus LLaVA's optional "pad"
+mode that first centres the image on a square canvas so nothing is cropped away.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8 `[H, W, 3]`, naming the path in every failure."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def _check_rgb(image: np.ndarray) -> None:
+    """Every step below assumes HWC uint8 RGB; catch CHW or grey arrays early."""
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
+
+
+def expand_to_square(image: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """Centre `image` `[H, W, 3]` on a `[S, S, 3]` canvas of `background`, S = max(H, W).
+
+    This is LLaVA's "pad" aspect mode: the later centre crop then keeps the whole image.
+    """
+    _check_rgb(image)
+    height, width, _ = image.shape
+    side = max(height, width)
+    canvas = np.empty((side, side, 3), dtype=np.uint8)
+    canvas[...] = np.asarray(background, dtype=np.uint8)
+    top = (side - height) // 2
+    left = (side - width) // 2
+    canvas[top : top + height, left : left + width] = image
+    return canvas
+
+
+def resize_shortest_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Bicubic-resize so the short side is `size`, then centre-crop to `[size, size, 3]`."""
+    _check_rgb(image)
+    height, width, _ = image.shape
+    short, long = min(height, width), max(height, width)
+    new_long = max(size, int(size * long / short))
+    new_height, new_width = (size, new_long) if height <= width else (new_long, size)
+    resized = Image.fromarray(image).resize((new_width, new_height), Image.Resampling.BICUBIC)
+    top = (new_height - size) // 2
+    left = (new_width - size) // 2
+    return np.asarray(resized)[top : top + size, left : left + size]
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 `[H, W, 3]` -> float32 `[H, W, 3]` of `(x / 255 - mean) / std`."""
+    _check_rgb(image)
+    scaled = image.astype(np.float32) / 255.0
+    return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def preprocess_image(
+    image: np.ndarray,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    pad_to_square: bool,
+) -> np.ndarray:
+    """uint8 `[H, W, 3]` -> float32 `[size, size, 3]` ready for the vision tower.
+
+    With `pad_to_square` the canvas colour is the normalisation mean, so padding is close to
+    zero after normalisation and carries no signal (LLaVA's stage 2-3 "pad" mode).
+    """
+    if pad_to_square:
+        background = tuple(int(m * 255) for m in mean)
+        image = expand_to_square(image, background)
+    return normalize(resize_shortest_and_center_crop(image, size), mean, std)
