@@ -69,7 +69,9 @@ def moe_tuning_config(run_stages: str, pope_after: str, *, steps_scale: float = 
   config.router_aux_loss_coef = 0.01
   config.mesh = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
   config.model = tiny_model()
-  config.data = {"max_length": 128, "root": "",  # root "": workdir/data
+  # stageN.data: "captions" | "instruct" (embedded) or a LLaVA JSON/JSONL file, with image paths
+  # relative to data.image_root; data.tokenizer: a tokenizer.json ("": the embedded one).
+  config.data = {"max_length": 128, "root": "", "image_root": "", "tokenizer": "",
                  "synthetic": {"seed": 0, "num_train": 4000, "num_eval": 200, "image_size": 64,
                                "vocab_size": 512}}
   # Stage recipe of MoE-LLaVA (projector -> LLM -> MoE). The learning rates are the tiny

@@ -56,11 +56,3 @@ def restore_params(directory: str | Path, abstract_params: Any) -> tuple[Any, in
       params=ocp.args.StandardRestore(abstract_params)))
   manager.close()
   return restored["params"], step
-
-
-def restore_meta(directory: str | Path) -> dict:
-  manager = ocp.CheckpointManager(Path(directory).absolute())
-  step = manager.latest_step()
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  manager.close()
-  return meta

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
@@ -241,10 +241,25 @@ def run_pope(config: ml_collections.ConfigDict, stage: Stage, params: dict,
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> tuple[SyntheticDataset, Tokenizer]:
-  """Writes (or reuses) the embedded dataset under `data.root` (default: workdir/data)."""
+  """Writes (or reuses) the embedded dataset under `data.root` (default: workdir/data) and
+  loads the tokenizer (`data.tokenizer`, default: the one trained on the embedded data)."""
   root = Path(config.data.root or Path(config.workdir) / "data")
   data = write_synthetic_dataset(root, **config.data.synthetic.to_dict())
-  return data, Tokenizer.from_file(data.tokenizer_json)
+  return data, Tokenizer.from_file(config.data.tokenizer or data.tokenizer_json)
+
+
+def stage_source(config: ml_collections.ConfigDict, name: str,
+                 data: SyntheticDataset) -> LlavaJsonSource:
+  """`stageN.data`: 'captions' / 'instruct' (embedded data) or a LLaVA JSON/JSONL path whose
+  image paths are relative to `data.image_root`."""
+  embedded = {"captions": data.captions_json, "instruct": data.instruct_json}
+  spec = config[name].data
+  if spec in embedded:
+    return LlavaJsonSource(embedded[spec], data.root)
+  if not Path(spec).is_file():
+    raise FileNotFoundError(f"config key {name}.data={spec!r}: not one of {sorted(embedded)} "
+                            "and not a file")
+  return LlavaJsonSource(spec, config.data.image_root or Path(spec).parent)
 
 
 def main(argv) -> None:
@@ -257,14 +272,12 @@ def main(argv) -> None:
   data, tokenizer = prepare_data(config)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices")
-  sources = {"captions": data.captions_json, "instruct": data.instruct_json}
   results = {}
   pope_after = [n for n in config.pope.after.split(",") if n]
   start = time.time()
   for name in stage_names(config):
     stage = Stage(config, name, mesh, tokenizer.vocab_size)
-    params = train_stage(stage, LlavaJsonSource(sources[config[name].data], data.root),
-                         tokenizer)
+    params = train_stage(stage, stage_source(config, name, data), tokenizer)
     if name in pope_after:
       for split, metrics in run_pope(config, stage, params, tokenizer, data.root,
                                      data.eval_annotations_json).items():

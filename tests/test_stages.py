@@ -9,7 +9,6 @@ import pytest
 from moe_llava_jax import sharding, stages, train
 from moe_llava_jax.data.conversation import get_template
 from moe_llava_jax.data.pipeline import training_batches
-from moe_llava_jax.data.sources import LlavaJsonSource
 
 
 def make_stage(config, name):
@@ -20,8 +19,7 @@ def make_stage(config, name):
 
 def first_batch(stage, data, tokenizer):
   cfg = stage.stage_cfg
-  source = LlavaJsonSource({"captions": data.captions_json,
-                            "instruct": data.instruct_json}[cfg.data], data.root)
+  source = train.stage_source(stage.config, stage.name, data)
   prep = train.preprocessing(stage.config, stage.model_cfg, cfg.pad_to_square)
   batches = training_batches(source, tokenizer, get_template(cfg.template), prep,
                              global_batch_size=cfg.batch_size, seed=0)

@@ -18,9 +18,7 @@ def run_stage(config, name):
   data, tokenizer = train.prepare_data(config)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   stage = train.Stage(config, name, mesh, tokenizer.vocab_size)
-  sources = {"captions": data.captions_json, "instruct": data.instruct_json}
-  return train.train_stage(stage, train.LlavaJsonSource(sources[config[name].data], data.root),
-                           tokenizer)
+  return train.train_stage(stage, train.stage_source(config, name, data), tokenizer)
 
 
 def test_resume_mid_stage_continues_step_count_and_schedule(micro_config):

@@ -16,7 +16,8 @@ from typing import Any
 
 import grain
 
-IMAGE_TOKEN = "<image>"
+from moe_llava_jax.data.conversation import IMAGE_PLACEHOLDER
+
 _ROLES = ("human", "gpt")
 
 
@@ -44,13 +45,13 @@ def _check_record(record: Any) -> str | None:
     image = record.get("image")
     if image is not None and (not isinstance(image, str) or not image):
         return f"field 'image' is {image!r}, expected a non-empty path string"
-    total = sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
+    total = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conversations)
     first_human = next((turn["value"] for turn in conversations if turn["from"] == "human"), "")
     if image is None and total:
-        return f"field 'conversations' has {total} {IMAGE_TOKEN} but field 'image' is not set"
-    if image is not None and (total != 1 or IMAGE_TOKEN not in first_human):
+        return f"field 'conversations' has {total} {IMAGE_PLACEHOLDER} but field 'image' is not set"
+    if image is not None and (total != 1 or IMAGE_PLACEHOLDER not in first_human):
         return (
-            f"field 'conversations' must have exactly one {IMAGE_TOKEN}, in the first human "
+            f"field 'conversations' must have exactly one {IMAGE_PLACEHOLDER}, in the first human "
             f"turn, because field 'image' is set (found {total})"
         )
     return None
