@@ -11,80 +11,186 @@ import ml_collections
 
 
 def parse_arg(arg: str | None, **defaults):
-  """big_vision-style `get_config(arg)`: "key=value,flag" -> ConfigDict over `defaults`."""
-  parsed = ml_collections.ConfigDict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in defaults:
-      raise ValueError(f"config argument {key!r} unknown; known: {sorted(defaults)}")
-    kind = type(defaults[key])
-    parsed[key] = (value.lower() in ("", "1", "true")) if kind is bool else kind(value)
-  return parsed
+    """big_vision-style `get_config(arg)`: "key=value,flag" -> ConfigDict over `defaults`."""
+    parsed = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"config argument {key!r} unknown; known: {sorted(defaults)}")
+        kind = type(defaults[key])
+        parsed[key] = (value.lower() in ("", "1", "true")) if kind is bool else kind(value)
+    return parsed
 
 
 def tiny_model() -> ml_collections.ConfigDict:
-  """A CLIP-style tower + a 4-layer decoder: trains the embedded data on a laptop CPU."""
-  return ml_collections.ConfigDict({
-      "normalisation": "clip",
-      "projector": "mlp2x_gelu",
-      "vision": {
-          "image_size": 64, "patch_size": 16, "hidden_size": 128, "num_layers": 2,
-          "num_heads": 4, "intermediate_size": 256, "activation": "quick_gelu",
-          "norm_eps": 1e-5, "class_token": True, "pre_norm": True, "patch_bias": False,
-          "select_layer": -2, "select_feature": "patch",
-      },
-      "decoder": {
-          "hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
-          "head_dim": 0, "intermediate_size": 256, "norm": "rmsnorm", "norm_eps": 1e-5,
-          "activation": "silu", "gated_mlp": True, "mlp_bias": False, "qkv_bias": False,
-          "out_bias": False, "parallel_block": False, "partial_rotary_factor": 1.0,
-          "rope_theta": 10000.0, "tie_embeddings": False, "lm_head_bias": False,
-      },
-      "moe": {
-          "num_experts": 4, "top_k": 2, "capacity_factor": 1.5, "eval_capacity_factor": 2.0,
-          "min_capacity": 0, "second_expert_noise": True, "eval_second_expert_noise": False,
-          "router_init_std": 0.02, "num_groups": 1, "layers": "sparse",
-      },
-  })
+    """A CLIP-style tower + a 4-layer decoder: trains the embedded data on a laptop CPU."""
+    return ml_collections.ConfigDict(
+        {
+            "normalisation": "clip",
+            "projector": "mlp2x_gelu",
+            "vision": {
+                "image_size": 64,
+                "patch_size": 16,
+                "hidden_size": 128,
+                "num_layers": 2,
+                "num_heads": 4,
+                "intermediate_size": 256,
+                "activation": "quick_gelu",
+                "norm_eps": 1e-5,
+                "class_token": True,
+                "pre_norm": True,
+                "patch_bias": False,
+                "select_layer": -2,
+                "select_feature": "patch",
+            },
+            "decoder": {
+                "hidden_size": 128,
+                "num_layers": 4,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "head_dim": 0,
+                "intermediate_size": 256,
+                "norm": "rmsnorm",
+                "norm_eps": 1e-5,
+                "activation": "silu",
+                "gated_mlp": True,
+                "mlp_bias": False,
+                "qkv_bias": False,
+                "out_bias": False,
+                "parallel_block": False,
+                "partial_rotary_factor": 1.0,
+                "rope_theta": 10000.0,
+                "tie_embeddings": False,
+                "lm_head_bias": False,
+            },
+            "moe": {
+                "num_experts": 4,
+                "top_k": 2,
+                "capacity_factor": 1.5,
+                "eval_capacity_factor": 2.0,
+                "min_capacity": 0,
+                "second_expert_noise": True,
+                "eval_second_expert_noise": False,
+                "router_init_std": 0.02,
+                "num_groups": 1,
+                "layers": "sparse",
+            },
+        }
+    )
 
 
-def stage(name: str, *, data: str, template: str, trainable: str, lr: float, num_steps: int,
-          batch_size: int, moe: bool, init_from: str, pad_to_square: bool):
-  return ml_collections.ConfigDict({
-      "name": name, "data": data, "template": template, "trainable": trainable, "lr": lr,
-      "num_steps": num_steps, "batch_size": batch_size, "moe": moe, "init_from": init_from,
-      "pad_to_square": pad_to_square, "warmup_ratio": 0.03, "weight_decay": 0.0,
-      "grad_clip": 1.0, "log_every": 10, "checkpoint_every": 100,
-  })
+def stage(
+    name: str,
+    *,
+    data: str,
+    template: str,
+    trainable: str,
+    lr: float,
+    num_steps: int,
+    batch_size: int,
+    moe: bool,
+    init_from: str,
+    pad_to_square: bool,
+    max_length: int,
+):
+    return ml_collections.ConfigDict(
+        {
+            "name": name,
+            "data": data,
+            "template": template,
+            "trainable": trainable,
+            "lr": lr,
+            "num_steps": num_steps,
+            "batch_size": batch_size,
+            "moe": moe,
+            "init_from": init_from,
+            "pad_to_square": pad_to_square,
+            "max_length": max_length,  # tokens, image placeholders included
+            "warmup_ratio": 0.03,
+            "weight_decay": 0.0,
+            "grad_clip": 1.0,
+            "log_every": 10,
+            "checkpoint_every": 100,
+        }
+    )
 
 
-def moe_tuning_config(run_stages: str, pope_after: str, *, steps_scale: float = 1.0,
-                      stage3_trainable: str = "stage3_paper") -> ml_collections.ConfigDict:
-  """All three stages on the embedded data; `run_stages` picks which of them this run trains."""
-  scaled = lambda n: max(1, round(n * steps_scale))
-  config = ml_collections.ConfigDict()
-  config.workdir = "workdir/tiny"
-  config.seed = 0
-  config.run_stages = run_stages
-  config.router_aux_loss_coef = 0.01
-  config.mesh = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
-  config.model = tiny_model()
-  # stageN.data: "captions" | "instruct" (embedded) or a LLaVA JSON/JSONL file, with image paths
-  # relative to data.image_root; data.tokenizer: a tokenizer.json ("": the embedded one).
-  config.data = {"max_length": 128, "root": "", "image_root": "", "tokenizer": "",
-                 "synthetic": {"seed": 0, "num_train": 4000, "num_eval": 200, "image_size": 64,
-                               "vocab_size": 512}}
-  # Stage recipe of MoE-LLaVA (projector -> LLM -> MoE). The learning rates are the tiny
-  # model's: it starts from random weights, not from a pretrained LLM.
-  config.stage1 = stage("stage1", data="captions", template="plain", trainable="stage1",
-                        lr=1e-3, num_steps=scaled(150), batch_size=32, moe=False, init_from="",
-                        pad_to_square=False)
-  config.stage2 = stage("stage2", data="instruct", template="phi", trainable="stage2",
-                        lr=1e-3, num_steps=scaled(600), batch_size=32, moe=False,
-                        init_from="stage1", pad_to_square=True)
-  config.stage3 = stage("stage3", data="instruct", template="phi", trainable=stage3_trainable,
-                        lr=5e-4, num_steps=scaled(300), batch_size=32, moe=True,
-                        init_from="stage2", pad_to_square=True)
-  config.pope = {"after": pope_after, "template": "phi", "num_per_image": 3,
-                 "batch_size": 64, "max_new_tokens": 8}
-  return config
+def moe_tuning_config(
+    run_stages: str,
+    pope_after: str,
+    *,
+    steps_scale: float = 1.0,
+    stage3_trainable: str = "stage3_paper",
+) -> ml_collections.ConfigDict:
+    """All three stages on the embedded data; `run_stages` picks which of them this run trains."""
+    scaled = lambda n: max(1, round(n * steps_scale))
+    config = ml_collections.ConfigDict()
+    config.workdir = "workdir/tiny"
+    config.seed = 0
+    config.run_stages = run_stages
+    config.router_aux_loss_coef = 0.01
+    config.mesh = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
+    config.model = tiny_model()
+    # stageN.data: "captions" | "instruct" (embedded) or a LLaVA JSON/JSONL file, with image paths
+    # relative to data.image_root; data.tokenizer: a tokenizer.json ("": the embedded one).
+    config.data = {
+        "root": "",
+        "image_root": "",
+        "tokenizer": "",
+        "synthetic": {
+            "seed": 0,
+            "num_train": 4000,
+            "num_eval": 200,
+            "image_size": 64,
+            "vocab_size": 512,
+        },
+    }
+    # Stage recipe of MoE-LLaVA (projector -> LLM -> MoE). The learning rates are the tiny
+    # model's: it starts from random weights, not from a pretrained LLM.
+    config.stage1 = stage(
+        "stage1",
+        data="captions",
+        template="plain",
+        trainable="stage1",
+        lr=1e-3,
+        num_steps=scaled(150),
+        batch_size=32,
+        moe=False,
+        init_from="",
+        pad_to_square=False,
+        max_length=48,
+    )
+    config.stage2 = stage(
+        "stage2",
+        data="instruct",
+        template="phi",
+        trainable="stage2",
+        lr=1e-3,
+        num_steps=scaled(1200),
+        batch_size=32,
+        moe=False,
+        init_from="stage1",
+        pad_to_square=True,
+        max_length=136,
+    )
+    config.stage3 = stage(
+        "stage3",
+        data="instruct",
+        template="phi",
+        trainable=stage3_trainable,
+        lr=5e-4,
+        num_steps=scaled(300),
+        batch_size=32,
+        moe=True,
+        init_from="stage2",
+        pad_to_square=True,
+        max_length=136,
+    )
+    config.pope = {
+        "after": pope_after,
+        "template": "phi",
+        "num_per_image": 3,
+        "batch_size": 64,
+        "max_new_tokens": 8,
+    }
+    return config

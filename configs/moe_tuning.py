@@ -10,7 +10,10 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, steps_scale=1.0, trainable="stage3_paper")
-  return common.moe_tuning_config("stage1,stage2,stage3", "stage2,stage3",
-                                  steps_scale=args.steps_scale,
-                                  stage3_trainable=args.trainable)
+    args = common.parse_arg(arg, steps_scale=1.0, trainable="stage3_paper")
+    return common.moe_tuning_config(
+        "stage1,stage2,stage3",
+        "stage2,stage3",
+        steps_scale=args.steps_scale,
+        stage3_trainable=args.trainable,
+    )

@@ -9,5 +9,5 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, steps_scale=1.0)
-  return common.moe_tuning_config("stage2", "stage2", steps_scale=args.steps_scale)
+    args = common.parse_arg(arg, steps_scale=1.0)
+    return common.moe_tuning_config("stage2", "stage2", steps_scale=args.steps_scale)

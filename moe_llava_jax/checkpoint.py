@@ -13,46 +13,63 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def make_manager(directory: str | Path, *, max_to_keep: int = 2,
-                 save_interval_steps: int = 1) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                         save_interval_steps=save_interval_steps,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+def make_manager(
+    directory: str | Path, *, max_to_keep: int = 2, save_interval_steps: int = 1
+) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
 def save(manager: ocp.CheckpointManager, state: dict, meta: dict, *, force: bool = False) -> bool:
-  """Saves `state` ({"step", "params", "opt_state"}) at its step; async, returns at once."""
-  step = int(jax.device_get(state["step"]))
-  return manager.save(step, force=force, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(state["params"]),
-      opt_state=ocp.args.StandardSave(state["opt_state"]),
-      meta=ocp.args.JsonSave(meta)))
+    """Saves `state` ({"step", "params", "opt_state"}) at its step; async, returns at once."""
+    step = int(jax.device_get(state["step"]))
+    return manager.save(
+        step,
+        force=force,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]),
+            opt_state=ocp.args.StandardSave(state["opt_state"]),
+            meta=ocp.args.JsonSave(meta),
+        ),
+    )
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying the target shardings: orbax restores straight onto them."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+    """ShapeDtypeStructs carrying the target shardings: orbax restores straight onto them."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 def restore_state(manager: ocp.CheckpointManager, abstract_state: dict) -> dict:
-  """Restores the latest checkpoint of the manager onto `abstract_state`'s shapes/shardings."""
-  step = manager.latest_step()
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_state["params"]),
-      opt_state=ocp.args.StandardRestore(abstract_state["opt_state"])))
-  return {"step": jax.numpy.asarray(step, jax.numpy.int32), "params": restored["params"],
-          "opt_state": restored["opt_state"]}
+    """Restores the latest checkpoint of the manager onto `abstract_state`'s shapes/shardings."""
+    step = manager.latest_step()
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state["params"]),
+            opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+        ),
+    )
+    return {
+        "step": jax.numpy.asarray(step, jax.numpy.int32),
+        "params": restored["params"],
+        "opt_state": restored["opt_state"],
+    }
 
 
 def restore_params(directory: str | Path, abstract_params: Any) -> tuple[Any, int]:
-  """Params of the latest checkpoint under `directory` (for `init_from`), and its step."""
-  manager = ocp.CheckpointManager(Path(directory).absolute())
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {directory}")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params)))
-  manager.close()
-  return restored["params"], step
+    """Params of the latest checkpoint under `directory` (for `init_from`), and its step."""
+    manager = ocp.CheckpointManager(Path(directory).absolute())
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {directory}")
+    restored = manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+    )
+    manager.close()
+    return restored["params"], step

@@ -38,259 +38,340 @@ from moe_llava_jax.models.moe import MoEConfig, moe_layer_indices
 from moe_llava_jax.models.vision import VisionConfig
 from moe_llava_jax.train_step import jit_train_step, make_train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-STAGE_COMMANDS = {name: f"python -m moe_llava_jax.train --config=configs/{name}.py"
-                  for name in ("stage1", "stage2", "stage3")}
-NORMALISATION = {"clip": (image_ops.CLIP_MEAN, image_ops.CLIP_STD),
-                 "siglip": (image_ops.SIGLIP_MEAN, image_ops.SIGLIP_STD)}
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+STAGE_COMMANDS = {
+    name: f"python -m moe_llava_jax.train --config=configs/{name}.py"
+    for name in ("stage1", "stage2", "stage3")
+}
+NORMALISATION = {
+    "clip": (image_ops.CLIP_MEAN, image_ops.CLIP_STD),
+    "siglip": (image_ops.SIGLIP_MEAN, image_ops.SIGLIP_STD),
+}
 
 
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
-  return [name for name in config.run_stages.split(",") if name]
+    return [name for name in config.run_stages.split(",") if name]
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails before any work on values that would fail (or silently misbehave) later."""
-  moe = config.model.moe
-  if not 1 <= moe.top_k <= moe.num_experts:
-    raise ValueError(f"config key model.moe.top_k={moe.top_k} must be in "
-                     f"[1, model.moe.num_experts={moe.num_experts}]")
-  moe_layer_indices(moe.layers, config.model.decoder.num_layers)
-  for name in stage_names(config) + [n for n in config.pope.after.split(",") if n]:
-    if name not in config:
-      raise ValueError(f"config key run_stages/pope.after names {name!r}, which has no "
-                       f"config.{name} section")
-  for name in stage_names(config):
-    stages.resolve_rules(config[name].trainable)
-    if config[name].batch_size % moe.num_groups:
-      raise ValueError(f"config key {name}.batch_size={config[name].batch_size} is not a "
-                       f"multiple of model.moe.num_groups={moe.num_groups}")
-  if config.model.normalisation not in NORMALISATION:
-    raise ValueError(f"config key model.normalisation={config.model.normalisation!r}: "
-                     f"expected one of {sorted(NORMALISATION)}")
+    """Fails before any work on values that would fail (or silently misbehave) later."""
+    moe = config.model.moe
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ValueError(
+            f"config key model.moe.top_k={moe.top_k} must be in "
+            f"[1, model.moe.num_experts={moe.num_experts}]"
+        )
+    moe_layer_indices(moe.layers, config.model.decoder.num_layers)
+    for name in stage_names(config) + [n for n in config.pope.after.split(",") if n]:
+        if name not in config:
+            raise ValueError(
+                f"config key run_stages/pope.after names {name!r}, which has no "
+                f"config.{name} section"
+            )
+    for name in stage_names(config):
+        stages.resolve_rules(config[name].trainable)
+        if config[name].batch_size % moe.num_groups:
+            raise ValueError(
+                f"config key {name}.batch_size={config[name].batch_size} is not a "
+                f"multiple of model.moe.num_groups={moe.num_groups}"
+            )
+    if config.model.normalisation not in NORMALISATION:
+        raise ValueError(
+            f"config key model.normalisation={config.model.normalisation!r}: "
+            f"expected one of {sorted(NORMALISATION)}"
+        )
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int, with_moe: bool) -> LVLMConfig:
-  decoder = dict(config.model.decoder.to_dict(), vocab_size=vocab_size)
-  moe = MoEConfig(**config.model.moe.to_dict()) if with_moe else None
-  return LVLMConfig(vision=VisionConfig(**config.model.vision.to_dict()),
-                    decoder=DecoderConfig(**decoder, moe=moe),
-                    projector=config.model.projector)
-
-
-def preprocessing(config: ml_collections.ConfigDict, model_cfg: LVLMConfig,
-                  pad_to_square: bool) -> Preprocessing:
-  mean, std = NORMALISATION[config.model.normalisation]
-  return Preprocessing(image_size=model_cfg.vision.image_size, mean=mean, std=std,
-                       pad_to_square=pad_to_square,
-                       num_image_tokens=model_cfg.vision.num_image_tokens,
-                       max_length=config.data.max_length)
+    decoder = dict(config.model.decoder.to_dict(), vocab_size=vocab_size)
+    moe = MoEConfig(**config.model.moe.to_dict()) if with_moe else None
+    return LVLMConfig(
+        vision=VisionConfig(**config.model.vision.to_dict()),
+        decoder=DecoderConfig(**decoder, moe=moe),
+        projector=config.model.projector,
+    )
 
 
 def checkpoint_dir(config: ml_collections.ConfigDict, stage: str) -> Path:
-  return Path(config.workdir) / stage / "checkpoints"
+    return Path(config.workdir) / stage / "checkpoints"
 
 
 class Stage:
-  """One stage's model, shardings and jitted functions (built once, used by train + eval)."""
+    """One stage's model, shardings and jitted functions (built once, used by train + eval)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, name: str, mesh: jax.sharding.Mesh,
-               vocab_size: int):
-    self.config, self.name, self.mesh = config, name, mesh
-    self.stage_cfg = config[name]
-    self.model_cfg = model_config(config, vocab_size, self.stage_cfg.moe)
-    self.model = MoELLaVA(self.model_cfg)
-    batch = config.model.moe.num_groups
-    self.dummy = (jnp.zeros((batch, config.data.max_length), jnp.int32),
-                  jnp.zeros((batch, self.model_cfg.vision.image_size,
-                             self.model_cfg.vision.image_size, 3), jnp.float32))
-    boxed = jax.eval_shape(self.init_variables, jax.random.key(0))["params"]
-    self.param_shardings = sharding.logical_shardings(boxed, mesh)
-    self.abstract_params = nn.unbox(boxed)
-    self.mask = stages.trainable_mask(self.abstract_params, self.stage_cfg.trainable)
-    self.schedule = optim.make_schedule(self.stage_cfg.lr, self.stage_cfg.num_steps,
-                                        self.stage_cfg.warmup_ratio)
-    self.tx = optim.make_optimizer(self.schedule, self.mask,
-                                   weight_decay=self.stage_cfg.weight_decay,
-                                   grad_clip=self.stage_cfg.grad_clip)
-    replicated = sharding.replicated(mesh)
-    abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
-    self.state_shardings = {
-        "step": replicated, "params": self.param_shardings,
-        "opt_state": optax.tree_map_params(
-            self.tx, lambda p, s: p if isinstance(p, optax.MaskedNode) else s, abstract_opt,
-            self.param_shardings, transform_non_params=lambda _: replicated,
-            is_leaf=lambda x: isinstance(x, optax.MaskedNode))}
-    self.abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32),
-                           "params": self.abstract_params, "opt_state": abstract_opt}
-    self.batch_sharding = sharding.batch_sharding(mesh)
-    self.train_step = jit_train_step(
-        make_train_step(self.model, self.tx, self.mask, self.schedule,
-                        aux_loss_coef=config.router_aux_loss_coef, seed=config.seed),
-        self.state_shardings, self.batch_sharding, replicated)
+    def __init__(
+        self, config: ml_collections.ConfigDict, name: str, mesh: jax.sharding.Mesh, vocab_size: int
+    ):
+        self.config, self.name, self.mesh = config, name, mesh
+        self.stage_cfg = config[name]
+        self.model_cfg = model_config(config, vocab_size, self.stage_cfg.moe)
+        self.model = MoELLaVA(self.model_cfg)
+        batch = config.model.moe.num_groups
+        self.dummy = (
+            jnp.zeros((batch, self.stage_cfg.max_length), jnp.int32),
+            jnp.zeros(
+                (batch, self.model_cfg.vision.image_size, self.model_cfg.vision.image_size, 3),
+                jnp.float32,
+            ),
+        )
+        boxed = jax.eval_shape(self.init_variables, jax.random.key(0))["params"]
+        self.param_shardings = sharding.logical_shardings(boxed, mesh)
+        self.abstract_params = nn.unbox(boxed)
+        self.mask = stages.trainable_mask(self.abstract_params, self.stage_cfg.trainable)
+        self.schedule = optim.make_schedule(
+            self.stage_cfg.lr, self.stage_cfg.num_steps, self.stage_cfg.warmup_ratio
+        )
+        self.tx = optim.make_optimizer(
+            self.schedule,
+            self.mask,
+            weight_decay=self.stage_cfg.weight_decay,
+            grad_clip=self.stage_cfg.grad_clip,
+        )
+        replicated = sharding.replicated(mesh)
+        abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+        self.state_shardings = {
+            "step": replicated,
+            "params": self.param_shardings,
+            "opt_state": optax.tree_map_params(
+                self.tx,
+                lambda p, s: p if isinstance(p, optax.MaskedNode) else s,
+                abstract_opt,
+                self.param_shardings,
+                transform_non_params=lambda _: replicated,
+                is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+            ),
+        }
+        self.abstract_state = {
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+            "params": self.abstract_params,
+            "opt_state": abstract_opt,
+        }
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        self.train_step = jit_train_step(
+            make_train_step(
+                self.model,
+                self.tx,
+                self.mask,
+                self.schedule,
+                aux_loss_coef=config.router_aux_loss_coef,
+                seed=config.seed,
+            ),
+            self.state_shardings,
+            self.batch_sharding,
+            replicated,
+        )
 
-  def init_variables(self, rng: jax.Array) -> dict:
-    params_rng, gating_rng = jax.random.split(rng)
-    return self.model.init({"params": params_rng, "gating": gating_rng}, *self.dummy)
+    def preprocessing(self) -> Preprocessing:
+        mean, std = NORMALISATION[self.config.model.normalisation]
+        return Preprocessing(
+            image_size=self.model_cfg.vision.image_size,
+            mean=mean,
+            std=std,
+            pad_to_square=self.stage_cfg.pad_to_square,
+            num_image_tokens=self.model_cfg.vision.num_image_tokens,
+            max_length=self.stage_cfg.max_length,
+        )
 
-  def fresh_params(self) -> dict:
-    init = jax.jit(lambda rng: nn.unbox(self.init_variables(rng)["params"]),
-                   out_shardings=self.param_shardings)
-    return init(jax.random.key(self.config.seed))
+    def init_variables(self, rng: jax.Array) -> dict:
+        params_rng, gating_rng = jax.random.split(rng)
+        return self.model.init({"params": params_rng, "gating": gating_rng}, *self.dummy)
 
-  def initial_params(self) -> dict:
-    """Fresh init, or the `init_from` stage's params (upcycled to MoE for stage 3)."""
-    source = self.stage_cfg.init_from
-    if not source:
-      return self.fresh_params()
-    directory = checkpoint_dir(self.config, source)
-    if not directory.exists():
-      raise FileNotFoundError(
-          f"config key {self.name}.init_from={source!r}: no checkpoint at {directory}; make it "
-          f"with: {STAGE_COMMANDS.get(source, source)}")
-    source_stage = Stage(self.config, source, self.mesh, self.model_cfg.decoder.vocab_size)
-    abstract = checkpoint.abstract_like(source_stage.abstract_params,
-                                        source_stage.param_shardings)
-    params, step = checkpoint.restore_params(directory, abstract)
-    tqdm.write(f"{self.name}: initialised from {directory} (step {step})")
-    if self.model_cfg.decoder.moe is not None and source_stage.model_cfg.decoder.moe is None:
-      upcycle = jax.jit(stages.upcycle, out_shardings=self.param_shardings)
-      return upcycle(params, self.fresh_params())
-    return params
+    def fresh_params(self) -> dict:
+        init = jax.jit(
+            lambda rng: nn.unbox(self.init_variables(rng)["params"]),
+            out_shardings=self.param_shardings,
+        )
+        return init(jax.random.key(self.config.seed))
 
-  def initial_state(self, manager) -> dict:
-    if manager.latest_step() is not None:
-      tqdm.write(f"{self.name}: resuming from step {manager.latest_step()}")
-      return checkpoint.restore_state(
-          manager, checkpoint.abstract_like(self.abstract_state, self.state_shardings))
-    params = self.initial_params()
-    opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
-    return {"step": step, "params": params, "opt_state": opt_state}
+    def initial_params(self) -> dict:
+        """Fresh init, or the `init_from` stage's params (upcycled to MoE for stage 3)."""
+        source = self.stage_cfg.init_from
+        if not source:
+            return self.fresh_params()
+        directory = checkpoint_dir(self.config, source)
+        if not directory.exists():
+            raise FileNotFoundError(
+                f"config key {self.name}.init_from={source!r}: no checkpoint at {directory}; make it "
+                f"with: {STAGE_COMMANDS.get(source, source)}"
+            )
+        source_stage = Stage(self.config, source, self.mesh, self.model_cfg.decoder.vocab_size)
+        abstract = checkpoint.abstract_like(
+            source_stage.abstract_params, source_stage.param_shardings
+        )
+        params, step = checkpoint.restore_params(directory, abstract)
+        tqdm.write(f"{self.name}: initialised from {directory} (step {step})")
+        if self.model_cfg.decoder.moe is not None and source_stage.model_cfg.decoder.moe is None:
+            upcycle = jax.jit(stages.upcycle, out_shardings=self.param_shardings)
+            return upcycle(params, self.fresh_params())
+        return params
 
-  def logits_fn(self, params: dict):
-    """(input_ids, images) -> logits for evaluation (eval capacity, no gating noise)."""
-    apply = jax.jit(lambda p, ids, images: self.model.apply({"params": p}, ids, images,
-                                                            deterministic=True)[0])
-    return functools.partial(apply, params)
+    def initial_state(self, manager) -> dict:
+        if manager.latest_step() is not None:
+            tqdm.write(f"{self.name}: resuming from step {manager.latest_step()}")
+            return checkpoint.restore_state(
+                manager, checkpoint.abstract_like(self.abstract_state, self.state_shardings)
+            )
+        params = self.initial_params()
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
+        return {"step": step, "params": params, "opt_state": opt_state}
+
+    def logits_fn(self, params: dict):
+        """(input_ids, images) -> logits for evaluation (eval capacity, no gating noise)."""
+        apply = jax.jit(
+            lambda p, ids, images: self.model.apply({"params": p}, ids, images, deterministic=True)[
+                0
+            ]
+        )
+        return functools.partial(apply, params)
 
 
 def log_metrics(writer: SummaryWriter, log_file, step: int, metrics: dict) -> dict:
-  """Writes scalars (and per-layer expert loads) to TensorBoard and a JSONL file."""
-  metrics = jax.device_get(metrics)
-  scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-  for key, value in scalars.items():
-    writer.add_scalar(f"train/{key}", value, step)
-  for layer, load in enumerate(metrics.get("expert_load", [])):
-    for expert, value in enumerate(load):
-      writer.add_scalar(f"moe/layer{layer}/expert{expert}_load", float(value), step)
-  for layer, value in enumerate(metrics.get("dropped_fraction", [])):
-    writer.add_scalar(f"moe/layer{layer}/dropped_fraction", float(value), step)
-  record = {"step": step, **scalars}
-  if "expert_load" in metrics:
-    record["expert_load"] = np.round(metrics["expert_load"], 4).tolist()
-    record["dropped_fraction"] = np.round(metrics["dropped_fraction"], 4).tolist()
-  log_file.write(json.dumps(record) + "\n")
-  log_file.flush()
-  return scalars
+    """Writes scalars (and per-layer expert loads) to TensorBoard and a JSONL file."""
+    metrics = jax.device_get(metrics)
+    scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+    for key, value in scalars.items():
+        writer.add_scalar(f"train/{key}", value, step)
+    for layer, load in enumerate(metrics.get("expert_load", [])):
+        for expert, value in enumerate(load):
+            writer.add_scalar(f"moe/layer{layer}/expert{expert}_load", float(value), step)
+    for layer, value in enumerate(metrics.get("dropped_fraction", [])):
+        writer.add_scalar(f"moe/layer{layer}/dropped_fraction", float(value), step)
+    record = {"step": step, **scalars}
+    if "expert_load" in metrics:
+        record["expert_load"] = np.round(metrics["expert_load"], 4).tolist()
+        record["dropped_fraction"] = np.round(metrics["dropped_fraction"], 4).tolist()
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+    return scalars
 
 
 def train_stage(stage: Stage, source: LlavaJsonSource, tokenizer: Tokenizer) -> dict:
-  """Trains `stage` to `num_steps` (resuming if checkpoints exist); returns final params."""
-  cfg, config = stage.stage_cfg, stage.config
-  stage_dir = Path(config.workdir) / stage.name
-  manager = checkpoint.make_manager(checkpoint_dir(config, stage.name),
-                                    save_interval_steps=cfg.checkpoint_every)
-  state = stage.initial_state(manager)
-  start = int(jax.device_get(state["step"]))
-  if start < cfg.num_steps:
-    prep = preprocessing(config, stage.model_cfg, cfg.pad_to_square)
-    batches = training_batches(source, tokenizer, get_template(cfg.template), prep,
-                               global_batch_size=cfg.batch_size, seed=config.seed)
-    writer = SummaryWriter(str(stage_dir / "tensorboard"))
-    meta = {"stage": stage.name, "config": config.to_json()}
-    with open(stage_dir / "metrics.jsonl", "a") as log_file, \
-        tqdm(total=cfg.num_steps, initial=start, desc=stage.name, unit="step") as bar:
-      for step, local_batch in zip(range(start, cfg.num_steps), iterate_from(batches, start)):
-        batch = {k: jax.make_array_from_process_local_data(stage.batch_sharding, v)
-                 for k, v in local_batch.items()}
-        state, metrics = stage.train_step(state, batch)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.num_steps:
-          scalars = log_metrics(writer, log_file, step + 1, metrics)
-          bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.1e}")
-        checkpoint.save(manager, state, meta, force=step + 1 == cfg.num_steps)
-        bar.update(1)
-    writer.close()
-  manager.wait_until_finished()
-  manager.close()
-  return state["params"]
+    """Trains `stage` to `num_steps` (resuming if checkpoints exist); returns final params."""
+    cfg, config = stage.stage_cfg, stage.config
+    stage_dir = Path(config.workdir) / stage.name
+    manager = checkpoint.make_manager(
+        checkpoint_dir(config, stage.name), save_interval_steps=cfg.checkpoint_every
+    )
+    state = stage.initial_state(manager)
+    start = int(jax.device_get(state["step"]))
+    if start < cfg.num_steps:
+        prep = stage.preprocessing()
+        batches = training_batches(
+            source,
+            tokenizer,
+            get_template(cfg.template),
+            prep,
+            global_batch_size=cfg.batch_size,
+            seed=config.seed,
+        )
+        writer = SummaryWriter(str(stage_dir / "tensorboard"))
+        meta = {"stage": stage.name, "config": config.to_json()}
+        with (
+            open(stage_dir / "metrics.jsonl", "a") as log_file,
+            tqdm(total=cfg.num_steps, initial=start, desc=stage.name, unit="step") as bar,
+        ):
+            for step, local_batch in zip(range(start, cfg.num_steps), iterate_from(batches, start)):
+                batch = {
+                    k: jax.make_array_from_process_local_data(stage.batch_sharding, v)
+                    for k, v in local_batch.items()
+                }
+                state, metrics = stage.train_step(state, batch)
+                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.num_steps:
+                    scalars = log_metrics(writer, log_file, step + 1, metrics)
+                    bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.1e}")
+                checkpoint.save(manager, state, meta, force=step + 1 == cfg.num_steps)
+                bar.update(1)
+        writer.close()
+    manager.wait_until_finished()
+    manager.close()
+    return state["params"]
 
 
-def run_pope(config: ml_collections.ConfigDict, stage: Stage, params: dict,
-             tokenizer: Tokenizer, data_root: Path, annotations_path: Path) -> dict:
-  annotations = json.loads(annotations_path.read_text())
-  prep = preprocessing(config, stage.model_cfg, config.stage3.pad_to_square)
-  out_dir = Path(config.workdir) / stage.name / "pope"
-  out_dir.mkdir(parents=True, exist_ok=True)
-  return evaluate_pope(stage.logits_fn(params), annotations, data_root, tokenizer,
-                       get_template(config.pope.template), prep,
-                       splits=pope.SPLITS, num_per_image=config.pope.num_per_image,
-                       seed=config.seed, batch_size=config.pope.batch_size,
-                       max_new_tokens=config.pope.max_new_tokens, answers_dir=out_dir)
+def run_pope(
+    config: ml_collections.ConfigDict,
+    stage: Stage,
+    params: dict,
+    tokenizer: Tokenizer,
+    data_root: Path,
+    annotations_path: Path,
+) -> dict:
+    annotations = json.loads(annotations_path.read_text())
+    prep = stage.preprocessing()
+    out_dir = Path(config.workdir) / stage.name / "pope"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return evaluate_pope(
+        stage.logits_fn(params),
+        annotations,
+        data_root,
+        tokenizer,
+        get_template(config.pope.template),
+        prep,
+        splits=pope.SPLITS,
+        num_per_image=config.pope.num_per_image,
+        seed=config.seed,
+        batch_size=config.pope.batch_size,
+        max_new_tokens=config.pope.max_new_tokens,
+        answers_dir=out_dir,
+    )
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> tuple[SyntheticDataset, Tokenizer]:
-  """Writes (or reuses) the embedded dataset under `data.root` (default: workdir/data) and
-  loads the tokenizer (`data.tokenizer`, default: the one trained on the embedded data)."""
-  root = Path(config.data.root or Path(config.workdir) / "data")
-  data = write_synthetic_dataset(root, **config.data.synthetic.to_dict())
-  return data, Tokenizer.from_file(config.data.tokenizer or data.tokenizer_json)
+    """Writes (or reuses) the embedded dataset under `data.root` (default: workdir/data) and
+    loads the tokenizer (`data.tokenizer`, default: the one trained on the embedded data)."""
+    root = Path(config.data.root or Path(config.workdir) / "data")
+    data = write_synthetic_dataset(root, **config.data.synthetic.to_dict())
+    return data, Tokenizer.from_file(config.data.tokenizer or data.tokenizer_json)
 
 
-def stage_source(config: ml_collections.ConfigDict, name: str,
-                 data: SyntheticDataset) -> LlavaJsonSource:
-  """`stageN.data`: 'captions' / 'instruct' (embedded data) or a LLaVA JSON/JSONL path whose
-  image paths are relative to `data.image_root`."""
-  embedded = {"captions": data.captions_json, "instruct": data.instruct_json}
-  spec = config[name].data
-  if spec in embedded:
-    return LlavaJsonSource(embedded[spec], data.root)
-  if not Path(spec).is_file():
-    raise FileNotFoundError(f"config key {name}.data={spec!r}: not one of {sorted(embedded)} "
-                            "and not a file")
-  return LlavaJsonSource(spec, config.data.image_root or Path(spec).parent)
+def stage_source(
+    config: ml_collections.ConfigDict, name: str, data: SyntheticDataset
+) -> LlavaJsonSource:
+    """`stageN.data`: 'captions' / 'instruct' (embedded data) or a LLaVA JSON/JSONL path whose
+    image paths are relative to `data.image_root`."""
+    embedded = {"captions": data.captions_json, "instruct": data.instruct_json}
+    spec = config[name].data
+    if spec in embedded:
+        return LlavaJsonSource(embedded[spec], data.root)
+    if not Path(spec).is_file():
+        raise FileNotFoundError(
+            f"config key {name}.data={spec!r}: not one of {sorted(embedded)} and not a file"
+        )
+    return LlavaJsonSource(spec, config.data.image_root or Path(spec).parent)
 
 
 def main(argv) -> None:
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; the bar shows progress
-  config = _CONFIG.value
-  validate_config(config)
-  workdir = Path(config.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  data, tokenizer = prepare_data(config)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices")
-  results = {}
-  pope_after = [n for n in config.pope.after.split(",") if n]
-  start = time.time()
-  for name in stage_names(config):
-    stage = Stage(config, name, mesh, tokenizer.vocab_size)
-    params = train_stage(stage, stage_source(config, name, data), tokenizer)
-    if name in pope_after:
-      for split, metrics in run_pope(config, stage, params, tokenizer, data.root,
-                                     data.eval_annotations_json).items():
-        results[f"{name}/{split}"] = metrics
-  if results:
-    table = pope.markdown_table(results)
-    (workdir / "pope.md").write_text(table + "\n")
-    (workdir / "pope.json").write_text(json.dumps(results, indent=2))
-    print(f"\nHeld-out POPE ({config.data.synthetic.num_eval} images, "
-          f"{config.pope.num_per_image} yes + {config.pope.num_per_image} no probes each):")
-    print(table)
-  print(f"done in {time.time() - start:.0f}s; workdir: {workdir}")
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; the bar shows progress
+    config = _CONFIG.value
+    validate_config(config)
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data, tokenizer = prepare_data(config)
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices")
+    results = {}
+    pope_after = [n for n in config.pope.after.split(",") if n]
+    start = time.time()
+    for name in stage_names(config):
+        stage = Stage(config, name, mesh, tokenizer.vocab_size)
+        params = train_stage(stage, stage_source(config, name, data), tokenizer)
+        if name in pope_after:
+            for split, metrics in run_pope(
+                config, stage, params, tokenizer, data.root, data.eval_annotations_json
+            ).items():
+                results[f"{name}/{split}"] = metrics
+    if results:
+        table = pope.markdown_table(results)
+        (workdir / "pope.md").write_text(table + "\n")
+        (workdir / "pope.json").write_text(json.dumps(results, indent=2))
+        print(
+            f"\nHeld-out POPE ({config.data.synthetic.num_eval} images, "
+            f"{config.pope.num_per_image} yes + {config.pope.num_per_image} no probes each):"
+        )
+        print(table)
+    print(f"done in {time.time() - start:.0f}s; workdir: {workdir}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

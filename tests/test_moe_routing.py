@@ -8,86 +8,95 @@ import pytest
 from moe_llava_jax.models import moe
 
 # 4 tokens, 3 experts. Choices (1st, 2nd): t0 (e0, e1), t1 (e0, e2), t2 (e0, e1), t3 (e2, e1).
-PROBS = np.array([[0.5, 0.3, 0.2],
-                  [0.6, 0.1, 0.3],
-                  [0.7, 0.2, 0.1],
-                  [0.1, 0.3, 0.6]], np.float32)
+PROBS = np.array([[0.5, 0.3, 0.2], [0.6, 0.1, 0.3], [0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], np.float32)
 
 
 def hand_routing(capacity=2):
-  return moe.route_top_k(jnp.log(PROBS)[None], top_k=2, capacity=capacity)
+    return moe.route_top_k(jnp.log(PROBS)[None], top_k=2, capacity=capacity)
 
 
 def test_capacity_formula():
-  assert moe.expert_capacity(4, 3, 2, 0.75, 0) == 2  # ceil(2 * 0.75 * 4 / 3)
-  assert moe.expert_capacity(4, 3, 2, 0.75, 5) == 5  # min_capacity wins
-  assert moe.expert_capacity(10, 4, 2, 1.5, 0) == 8  # ceil(7.5)
+    assert moe.expert_capacity(4, 3, 2, 0.75, 0) == 2  # ceil(2 * 0.75 * 4 / 3)
+    assert moe.expert_capacity(4, 3, 2, 0.75, 5) == 5  # min_capacity wins
+    assert moe.expert_capacity(10, 4, 2, 1.5, 0) == 8  # ceil(7.5)
 
 
 def test_selection_slots_and_drops():
-  r = hand_routing()
-  np.testing.assert_array_equal(r.expert_index[0], [[0, 1], [0, 2], [0, 1], [2, 1]])
-  # e0 queue: t0, t1, t2(full -> dropped); e2: t3 (1st choice), then t1 (2nd choice);
-  # e1: t0, t2, t3(full -> dropped). Dropped slots read `capacity` (= 2).
-  np.testing.assert_array_equal(r.slot[0], [[0, 0], [1, 1], [2, 1], [0, 2]])
-  assert float(r.dropped_fraction) == pytest.approx(2 / 8)
-  np.testing.assert_allclose(r.expert_load, [3 / 8, 3 / 8, 2 / 8], rtol=1e-6)
+    r = hand_routing()
+    np.testing.assert_array_equal(r.expert_index[0], [[0, 1], [0, 2], [0, 1], [2, 1]])
+    # e0 queue: t0, t1, t2(full -> dropped); e2: t3 (1st choice), then t1 (2nd choice);
+    # e1: t0, t2, t3(full -> dropped). Dropped slots read `capacity` (= 2).
+    np.testing.assert_array_equal(r.slot[0], [[0, 0], [1, 1], [2, 1], [0, 2]])
+    assert float(r.dropped_fraction) == pytest.approx(2 / 8)
+    np.testing.assert_allclose(r.expert_load, [3 / 8, 3 / 8, 2 / 8], rtol=1e-6)
 
 
 def test_gates_renormalise_over_kept_choices():
-  r = hand_routing()
-  np.testing.assert_allclose(r.gate[0], [[0.5 / 0.8, 0.3 / 0.8], [0.6 / 0.9, 0.3 / 0.9],
-                                         [0.0, 1.0], [1.0, 0.0]], rtol=1e-6)
+    r = hand_routing()
+    np.testing.assert_allclose(
+        r.gate[0],
+        [[0.5 / 0.8, 0.3 / 0.8], [0.6 / 0.9, 0.3 / 0.9], [0.0, 1.0], [1.0, 0.0]],
+        rtol=1e-6,
+    )
 
 
 def test_both_choices_dropped_gives_zero_gates():
-  r = moe.route_top_k(jnp.log(PROBS)[None], top_k=2, capacity=1)
-  # capacity 1: t0 takes e0's and e1's only slots; t3's 1st choice takes e2's, so t1 loses both.
-  np.testing.assert_allclose(r.gate[0, 1], [0.0, 0.0])
-  np.testing.assert_allclose(r.gate[0, 0], [0.5 / 0.8, 0.3 / 0.8], rtol=1e-6)
+    r = moe.route_top_k(jnp.log(PROBS)[None], top_k=2, capacity=1)
+    # capacity 1: t0 takes e0's and e1's only slots; t3's 1st choice takes e2's, so t1 loses both.
+    np.testing.assert_allclose(r.gate[0, 1], [0.0, 0.0])
+    np.testing.assert_allclose(r.gate[0, 0], [0.5 / 0.8, 0.3 / 0.8], rtol=1e-6)
 
 
 def test_aux_loss_value():
-  # f = top-1 fractions (3/4, 0, 1/4); P = mean probs (1.9/4, 0.9/4, 1.2/4); E * sum(f * P).
-  expected = 3 * (0.75 * 1.9 / 4 + 0.25 * 1.2 / 4)
-  assert float(hand_routing().aux_loss) == pytest.approx(expected, rel=1e-6)
-  # Drops do not change the loss: f counts top-1 choices before capacity.
-  assert float(moe.route_top_k(jnp.log(PROBS)[None], 2, 1).aux_loss) == pytest.approx(
-      expected, rel=1e-6)
+    # f = top-1 fractions (3/4, 0, 1/4); P = mean probs (1.9/4, 0.9/4, 1.2/4); E * sum(f * P).
+    expected = 3 * (0.75 * 1.9 / 4 + 0.25 * 1.2 / 4)
+    assert float(hand_routing().aux_loss) == pytest.approx(expected, rel=1e-6)
+    # Drops do not change the loss: f counts top-1 choices before capacity.
+    assert float(moe.route_top_k(jnp.log(PROBS)[None], 2, 1).aux_loss) == pytest.approx(
+        expected, rel=1e-6
+    )
 
 
 def test_dispatch_then_combine_is_gate_weighted_expert_sum():
-  r = hand_routing()
-  x = jnp.arange(4 * 5, dtype=jnp.float32).reshape(1, 4, 5) + 1.0
-  buffers = moe.dispatch(x, r, num_experts=3, capacity=2)  # [1, 3, 2, 5]
-  np.testing.assert_array_equal(buffers[0, 0], x[0, [0, 1]])  # e0 holds t0, t1
-  np.testing.assert_array_equal(buffers[0, 2], x[0, [3, 1]])  # e2 holds t3, then t1
-  scale = jnp.array([1.0, 10.0, 100.0])  # "expert e" multiplies by scale[e]
-  out = moe.combine(buffers * scale[None, :, None, None], r)
-  gates = np.asarray(r.gate[0])
-  index = np.asarray(r.expert_index[0])
-  expected = np.stack([sum(gates[t, j] * float(scale[index[t, j]]) for j in range(2)) * x[0, t]
-                       for t in range(4)])
-  np.testing.assert_allclose(out[0], expected, rtol=1e-6)
+    r = hand_routing()
+    x = jnp.arange(4 * 5, dtype=jnp.float32).reshape(1, 4, 5) + 1.0
+    buffers = moe.dispatch(x, r, num_experts=3, capacity=2)  # [1, 3, 2, 5]
+    np.testing.assert_array_equal(buffers[0, 0], x[0, [0, 1]])  # e0 holds t0, t1
+    np.testing.assert_array_equal(buffers[0, 2], x[0, [3, 1]])  # e2 holds t3, then t1
+    scale = jnp.array([1.0, 10.0, 100.0])  # "expert e" multiplies by scale[e]
+    out = moe.combine(buffers * scale[None, :, None, None], r)
+    gates = np.asarray(r.gate[0])
+    index = np.asarray(r.expert_index[0])
+    expected = np.stack(
+        [sum(gates[t, j] * float(scale[index[t, j]]) for j in range(2)) * x[0, t] for t in range(4)]
+    )
+    np.testing.assert_allclose(out[0], expected, rtol=1e-6)
 
 
 def test_second_expert_noise_changes_only_later_choices():
-  logits = jax.random.normal(jax.random.key(0), (1, 64, 4))
-  clean = moe.route_top_k(logits, 2, capacity=128)
-  noisy = moe.route_top_k(logits, 2, capacity=128, noise_rng=jax.random.key(1))
-  np.testing.assert_array_equal(clean.expert_index[..., 0], noisy.expert_index[..., 0])
-  assert np.any(clean.expert_index[..., 1] != noisy.expert_index[..., 1])
-  assert np.all(noisy.expert_index[..., 1] != noisy.expert_index[..., 0])
+    logits = jax.random.normal(jax.random.key(0), (1, 64, 4))
+    clean = moe.route_top_k(logits, 2, capacity=128)
+    noisy = moe.route_top_k(logits, 2, capacity=128, noise_rng=jax.random.key(1))
+    np.testing.assert_array_equal(clean.expert_index[..., 0], noisy.expert_index[..., 0])
+    assert np.any(clean.expert_index[..., 1] != noisy.expert_index[..., 1])
+    assert np.all(noisy.expert_index[..., 1] != noisy.expert_index[..., 0])
 
 
-@pytest.mark.parametrize("placement,expected", [
-    ("sparse", (0, 2, 4)), ("first_half", (0, 1, 2)), ("second_half", (3, 4, 5)),
-    ("dense", (0, 1, 2, 3, 4, 5)), ("1,4", (1, 4))])
+@pytest.mark.parametrize(
+    "placement,expected",
+    [
+        ("sparse", (0, 2, 4)),
+        ("first_half", (0, 1, 2)),
+        ("second_half", (3, 4, 5)),
+        ("dense", (0, 1, 2, 3, 4, 5)),
+        ("1,4", (1, 4)),
+    ],
+)
 def test_placement(placement, expected):
-  assert moe.moe_layer_indices(placement, 6) == expected
+    assert moe.moe_layer_indices(placement, 6) == expected
 
 
 @pytest.mark.parametrize("bad", ["sprase", "0,6", ""])
 def test_bad_placement_names_config_key(bad):
-  with pytest.raises(ValueError, match="model.moe.layers"):
-    moe.moe_layer_indices(bad, 6)
+    with pytest.raises(ValueError, match="model.moe.layers"):
+        moe.moe_layer_indices(bad, 6)

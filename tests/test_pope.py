@@ -62,8 +62,15 @@ def test_parse_answer(answer, expected):
 
 
 def test_score_hand_computed():
-    answers = ["Yes, there is a cat.", "No.", "Yes", "There is not a dog.", "Yes. No.",
-               "I do not know", "no"]
+    answers = [
+        "Yes, there is a cat.",
+        "No.",
+        "Yes",
+        "There is not a dog.",
+        "Yes. No.",
+        "I do not know",
+        "no",
+    ]
     labels = ["yes", "no", "no", "yes", "yes", "no", "yes"]
     result = pope.score(answers, labels)
     assert (result["tp"], result["fp"], result["tn"], result["fn"], result["n"]) == (2, 1, 2, 2, 7)
@@ -180,9 +187,10 @@ def test_probe_files_round_trip(tmp_path):
 
 def test_read_labels_accepts_original_pope_files(tmp_path):
     path = tmp_path / "coco_pope_random.json"
-    rows = [{"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?",
-             "label": "no"}, {"question_id": 2, "image": "a.jpg", "text": "Is there a cat?",
-             "label": "yes"}]
+    rows = [
+        {"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "no"},
+        {"question_id": 2, "image": "a.jpg", "text": "Is there a cat?", "label": "yes"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     assert pope.read_pope_labels(path) == ["no", "yes"]
 
@@ -194,8 +202,11 @@ def test_read_labels_accepts_original_pope_files(tmp_path):
         (pope.read_pope_labels, '{"label": "Yes"}', "labels.jsonl:2: field 'label'"),
         (pope.read_pope_labels, '{"label": ', "labels.jsonl:2: invalid JSON"),
         (pope.read_pope_labels, '["no"]', "labels.jsonl:2: expected a JSON object"),
-        (pope.read_pope_questions, '{"question_id": 2, "image": "b.jpg"}',
-         "labels.jsonl:2: missing field 'text'"),
+        (
+            pope.read_pope_questions,
+            '{"question_id": 2, "image": "b.jpg"}',
+            "labels.jsonl:2: missing field 'text'",
+        ),
     ],
 )
 def test_bad_lines_name_file_line_and_field(tmp_path, reader, second_line, message):

@@ -50,23 +50,31 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_mesh_shape_fills_one_axis_and_names_bad_keys():
-  assert sharding.mesh_shape({"data": -1, "expert": 4}, 8) == (2, 1, 4, 1)
-  with pytest.raises(ValueError, match="mesh.pipeline"):
-    sharding.mesh_shape({"pipeline": 2}, 8)
-  with pytest.raises(ValueError, match="needs 6 devices"):
-    sharding.mesh_shape({"data": 2, "expert": 3}, 8)
+    assert sharding.mesh_shape({"data": -1, "expert": 4}, 8) == (2, 1, 4, 1)
+    with pytest.raises(ValueError, match="mesh.pipeline"):
+        sharding.mesh_shape({"pipeline": 2}, 8)
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        sharding.mesh_shape({"data": 2, "expert": 3}, 8)
 
 
 def test_expert_parallel_loss_equals_single_device(micro_config):
-  micro_config.stage3.batch_size = 8  # divisible by data x expert = 8
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "PYTHONPATH": str(Path.cwd())}
-  out = subprocess.run([sys.executable, "-c", SCRIPT, micro_config.to_json()], env=env,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
-  assert result["devices"] == 8
-  assert result["spec"].startswith("P('expert'"), result["spec"]
-  assert result["experts_per_shard"] == 1  # 4 experts over expert=4
-  assert abs(result["loss8"] - result["loss1"]) <= 1e-5, result
-  assert result["max_kernel_diff"] <= 1e-5, result
+    micro_config.stage3.batch_size = 8  # divisible by data x expert = 8
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "PYTHONPATH": str(Path.cwd()),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, micro_config.to_json()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    assert result["spec"].startswith("P('expert'"), result["spec"]
+    assert result["experts_per_shard"] == 1  # 4 experts over expert=4
+    assert abs(result["loss8"] - result["loss1"]) <= 1e-5, result
+    assert result["max_kernel_diff"] <= 1e-5, result

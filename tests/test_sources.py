@@ -116,13 +116,19 @@ BAD_RECORDS = {
         "'image' is not set",
     ),
     "two_tokens": (
-        {"id": "bad", "image": "a.jpg",
-         "conversations": _turns(("human", "<image>\nhi"), ("gpt", "yo"), ("human", "<image>"))},
+        {
+            "id": "bad",
+            "image": "a.jpg",
+            "conversations": _turns(("human", "<image>\nhi"), ("gpt", "yo"), ("human", "<image>")),
+        },
         r"exactly one <image>.*found 2",
     ),
     "token_in_gpt_turn": (
-        {"id": "bad", "image": "a.jpg",
-         "conversations": _turns(("human", "hi"), ("gpt", "<image>"))},
+        {
+            "id": "bad",
+            "image": "a.jpg",
+            "conversations": _turns(("human", "hi"), ("gpt", "<image>")),
+        },
         "first human turn",
     ),
     "empty_image": (

@@ -57,7 +57,7 @@ def test_records_are_well_formed(dataset):
     tokenizer = Tokenizer.from_file(dataset.tokenizer_json)
     for record in instruct:
         conversation = record["conversations"]
-        assert 3 <= len(conversation) // 2 <= 5
+        assert 3 <= len(conversation) // 2 <= 6
         assert conversation[0]["value"].startswith("<image>\n")
         assert sum("<image>" in turn["value"] for turn in conversation) == 1
         tokenize_conversation(conversation, get_template("phi"), tokenizer, num_image_tokens=4)

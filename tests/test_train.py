@@ -10,60 +10,63 @@ from moe_llava_jax import sharding, train
 
 
 def stage_metrics(config, name):
-  lines = (Path(config.workdir) / name / "metrics.jsonl").read_text().splitlines()
-  return [json.loads(line) for line in lines]
+    lines = (Path(config.workdir) / name / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def run_stage(config, name):
-  data, tokenizer = train.prepare_data(config)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  stage = train.Stage(config, name, mesh, tokenizer.vocab_size)
-  return train.train_stage(stage, train.stage_source(config, name, data), tokenizer)
+    data, tokenizer = train.prepare_data(config)
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    stage = train.Stage(config, name, mesh, tokenizer.vocab_size)
+    return train.train_stage(stage, train.stage_source(config, name, data), tokenizer)
 
 
 def test_resume_mid_stage_continues_step_count_and_schedule(micro_config):
-  run_stage(micro_config, "stage1")  # 4 steps, checkpoints at 2 and 4
-  uninterrupted = stage_metrics(micro_config, "stage1")
-  assert [m["step"] for m in uninterrupted] == [1, 2, 3, 4]
-  ckpt_dir = train.checkpoint_dir(micro_config, "stage1")
-  shutil.rmtree(ckpt_dir / "4")  # as if the process died after step 3
-  run_stage(micro_config, "stage1")
-  resumed = stage_metrics(micro_config, "stage1")[4:]
-  assert [m["step"] for m in resumed] == [3, 4]
-  for before, after in zip(uninterrupted[2:], resumed):
-    assert after["lr"] == before["lr"]
-    assert after["loss"] == pytest.approx(before["loss"], abs=1e-6)
+    run_stage(micro_config, "stage1")  # 4 steps, checkpoints at 2 and 4
+    uninterrupted = stage_metrics(micro_config, "stage1")
+    assert [m["step"] for m in uninterrupted] == [1, 2, 3, 4]
+    ckpt_dir = train.checkpoint_dir(micro_config, "stage1")
+    shutil.rmtree(ckpt_dir / "4")  # as if the process died after step 3
+    run_stage(micro_config, "stage1")
+    resumed = stage_metrics(micro_config, "stage1")[4:]
+    assert [m["step"] for m in resumed] == [3, 4]
+    for before, after in zip(uninterrupted[2:], resumed):
+        assert after["lr"] == before["lr"]
+        assert after["loss"] == pytest.approx(before["loss"], abs=1e-6)
 
 
 def test_three_stages_chain_through_init_from(micro_config):
-  for name in ("stage1", "stage2", "stage3"):
-    run_stage(micro_config, name)
-  stage3 = stage_metrics(micro_config, "stage3")
-  assert len(stage3) == 4 and "aux_loss" in stage3[0]
-  assert len(stage3[0]["expert_load"]) == 1  # one MoE layer (sparse: layer 0 of 2)
-  stage2_last = stage_metrics(micro_config, "stage2")[-1]["ce"]
-  assert stage3[0]["ce"] < stage_metrics(micro_config, "stage2")[0]["ce"]
-  assert stage3[0]["ce"] == pytest.approx(stage2_last, rel=0.5)  # starts where stage 2 ended
+    for name in ("stage1", "stage2", "stage3"):
+        run_stage(micro_config, name)
+    stage3 = stage_metrics(micro_config, "stage3")
+    assert len(stage3) == 4 and "aux_loss" in stage3[0]
+    assert len(stage3[0]["expert_load"]) == 1  # one MoE layer (sparse: layer 0 of 2)
+    stage2_last = stage_metrics(micro_config, "stage2")[-1]["ce"]
+    assert stage3[0]["ce"] < stage_metrics(micro_config, "stage2")[0]["ce"]
+    assert stage3[0]["ce"] == pytest.approx(stage2_last, rel=0.5)  # starts where stage 2 ended
 
 
 def test_missing_init_from_names_the_command(micro_config):
-  mesh = sharding.make_mesh(micro_config.mesh.to_dict())
-  stage = train.Stage(micro_config, "stage3", mesh, 300)
-  with pytest.raises(FileNotFoundError, match=r"stage3.init_from.*configs/stage2.py"):
-    stage.initial_params()
+    mesh = sharding.make_mesh(micro_config.mesh.to_dict())
+    stage = train.Stage(micro_config, "stage3", mesh, 300)
+    with pytest.raises(FileNotFoundError, match=r"stage3.init_from.*configs/stage2.py"):
+        stage.initial_params()
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("model.moe.top_k", 5, "model.moe.top_k=5"),
-    ("model.moe.layers", "odd", "model.moe.layers='odd'"),
-    ("stage3.trainable", "everything", "trainable='everything'"),
-    ("run_stages", "stage1,stage4", "stage4"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("model.moe.top_k", 5, "model.moe.top_k=5"),
+        ("model.moe.layers", "odd", "model.moe.layers='odd'"),
+        ("stage3.trainable", "everything", "trainable='everything'"),
+        ("run_stages", "stage1,stage4", "stage4"),
+    ],
+)
 def test_bad_config_values_fail_naming_the_key(micro_config, key, value, match):
-  node, _, leaf = key.rpartition(".")
-  target = micro_config
-  for part in filter(None, node.split(".")):
-    target = target[part]
-  target[leaf] = value
-  with pytest.raises(ValueError, match=match.replace("(", r"\(")):
-    train.validate_config(micro_config)
+    node, _, leaf = key.rpartition(".")
+    target = micro_config
+    for part in filter(None, node.split(".")):
+        target = target[part]
+    target[leaf] = value
+    with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+        train.validate_config(micro_config)

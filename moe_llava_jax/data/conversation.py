@@ -75,9 +75,7 @@ def _validate_conversation(conversations: list[dict]) -> None:
     for index, turn in enumerate(conversations):
         expected = _HUMAN if index % 2 == 0 else _GPT
         if not isinstance(turn, dict):
-            raise ValueError(
-                f"turn {index}: expected a dict with 'from' and 'value', got {turn!r}"
-            )
+            raise ValueError(f"turn {index}: expected a dict with 'from' and 'value', got {turn!r}")
         if turn.get("from") != expected:
             raise ValueError(
                 f"turn {index}: field 'from' is {turn.get('from')!r} but roles must alternate "

@@ -42,7 +42,7 @@ _NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 _GRID = 2  # the image is a _GRID x _GRID grid of cells, one object per cell at most
 _MAX_OBJECTS = _GRID * _GRID
 _BACKGROUND_RGB = (238, 236, 230)
-_MANIFEST_FORMAT = 1  # bump when the generator changes so old directories are regenerated
+_MANIFEST_FORMAT = 2  # bump when the generator changes so old directories are regenerated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,12 +266,15 @@ def _other_turns(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]
 def _instruction_turns(
     scene: Scene, stats: _ObjectStats, rng: np.random.Generator
 ) -> list[tuple[str, str]]:
-    """3-5 shuffled question/answer turns: 1-2 balanced existence pairs plus 1-3 others."""
+    """3-6 shuffled question/answer turns: up to 2 balanced existence pairs plus 1-2 others.
+
+    Existence is POPE's question and the hardest skill here (it binds a colour and a shape to
+    image content), so every record asks it as often as the scene allows.
+    """
     others = _other_turns(scene, rng)
-    num_others = int(rng.integers(1, len(others) + 1))
+    num_others = int(rng.integers(1, min(2, len(others)) + 1))
     chosen = [others[i] for i in rng.permutation(len(others))[:num_others]]
-    two_pairs = len(scene) >= 2 and num_others == 1 and rng.random() < 0.5
-    turns = _existence_turns(scene, 2 if two_pairs else 1, stats, rng) + chosen
+    turns = _existence_turns(scene, min(2, len(scene)), stats, rng) + chosen
     return [turns[i] for i in rng.permutation(len(turns))]
 
 

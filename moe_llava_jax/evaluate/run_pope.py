@@ -14,37 +14,76 @@ from moe_llava_jax.evaluate import pope
 from moe_llava_jax.generate import LogitsFn, greedy_generate
 
 
-def answer_probes(logits_fn: LogitsFn, probes: Sequence[dict], image_root: Path,
-                  tokenizer: Tokenizer, template: ChatTemplate, prep: Preprocessing, *,
-                  batch_size: int, max_new_tokens: int) -> list[str]:
-  """Greedy answers, one per probe. The last batch is padded with copies of its last probe
-  so that every batch has the same shape (one compilation)."""
-  answers = []
-  for start in range(0, len(probes), batch_size):
-    chunk = list(probes[start:start + batch_size])
-    real = len(chunk)
-    chunk += [chunk[-1]] * (batch_size - real)
-    prompts = [tokenize_prompt(f"{IMAGE_PLACEHOLDER}\n{p['text']}", template, tokenizer,
-                               prep.num_image_tokens) for p in chunk]
-    images = np.stack([load_model_image(str(image_root / p["image"]), prep) for p in chunk])
-    outputs = greedy_generate(logits_fn, prompts, images, max_new_tokens=max_new_tokens,
-                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    answers += [tokenizer.decode(ids) for ids in outputs[:real]]
-  return answers
+def answer_probes(
+    logits_fn: LogitsFn,
+    probes: Sequence[dict],
+    image_root: Path,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    prep: Preprocessing,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy answers, one per probe. The last batch is padded with copies of its last probe
+    so that every batch has the same shape (one compilation)."""
+    answers = []
+    for start in range(0, len(probes), batch_size):
+        chunk = list(probes[start : start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)
+        prompts = [
+            tokenize_prompt(
+                f"{IMAGE_PLACEHOLDER}\n{p['text']}", template, tokenizer, prep.num_image_tokens
+            )
+            for p in chunk
+        ]
+        images = np.stack([load_model_image(str(image_root / p["image"]), prep) for p in chunk])
+        outputs = greedy_generate(
+            logits_fn,
+            prompts,
+            images,
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+        )
+        answers += [tokenizer.decode(ids) for ids in outputs[:real]]
+    return answers
 
 
-def evaluate_pope(logits_fn: LogitsFn, annotations: Sequence[dict], image_root: Path,
-                  tokenizer: Tokenizer, template: ChatTemplate, prep: Preprocessing, *,
-                  splits: Sequence[str], num_per_image: int, seed: int, batch_size: int,
-                  max_new_tokens: int, answers_dir: Path | None = None) -> dict[str, dict]:
-  """Metrics per split; with `answers_dir`, also writes POPE-format question/answer files."""
-  results = {}
-  for split in splits:
-    probes = pope.build_pope_probes(annotations, split, num_per_image=num_per_image, seed=seed)
-    answers = answer_probes(logits_fn, probes, image_root, tokenizer, template, prep,
-                            batch_size=batch_size, max_new_tokens=max_new_tokens)
-    results[split] = pope.score(answers, [p["label"] for p in probes])
-    if answers_dir is not None:
-      pope.write_jsonl(answers_dir / f"pope_{split}_answers.jsonl",
-                       [{**p, "answer": a} for p, a in zip(probes, answers)])
-  return results
+def evaluate_pope(
+    logits_fn: LogitsFn,
+    annotations: Sequence[dict],
+    image_root: Path,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    prep: Preprocessing,
+    *,
+    splits: Sequence[str],
+    num_per_image: int,
+    seed: int,
+    batch_size: int,
+    max_new_tokens: int,
+    answers_dir: Path | None = None,
+) -> dict[str, dict]:
+    """Metrics per split; with `answers_dir`, also writes POPE-format question/answer files."""
+    results = {}
+    for split in splits:
+        probes = pope.build_pope_probes(annotations, split, num_per_image=num_per_image, seed=seed)
+        answers = answer_probes(
+            logits_fn,
+            probes,
+            image_root,
+            tokenizer,
+            template,
+            prep,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+        )
+        results[split] = pope.score(answers, [p["label"] for p in probes])
+        if answers_dir is not None:
+            pope.write_jsonl(
+                answers_dir / f"pope_{split}_answers.jsonl",
+                [{**p, "answer": a} for p, a in zip(probes, answers)],
+            )
+    return results

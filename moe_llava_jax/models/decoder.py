@@ -21,96 +21,119 @@ from moe_llava_jax.models.moe import MoEConfig, MoELayer, moe_layer_indices
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  vocab_size: int = 32000
-  hidden_size: int = 2048
-  num_layers: int = 24
-  num_heads: int = 32
-  num_kv_heads: int = 32
-  head_dim: int = 0  # 0: hidden_size // num_heads
-  intermediate_size: int = 5632
-  norm: str = "layernorm"
-  norm_eps: float = 1e-5
-  activation: str = "silu"
-  gated_mlp: bool = True
-  mlp_bias: bool = False
-  qkv_bias: bool = False
-  out_bias: bool = False
-  parallel_block: bool = False
-  partial_rotary_factor: float = 1.0
-  rope_theta: float = 10000.0
-  tie_embeddings: bool = False
-  lm_head_bias: bool = False
-  moe: MoEConfig | None = None  # None: a dense model (stages 1-2)
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_layers: int = 24
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    intermediate_size: int = 5632
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "silu"
+    gated_mlp: bool = True
+    mlp_bias: bool = False
+    qkv_bias: bool = False
+    out_bias: bool = False
+    parallel_block: bool = False
+    partial_rotary_factor: float = 1.0
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    lm_head_bias: bool = False
+    moe: MoEConfig | None = None  # None: a dense model (stages 1-2)
 
-  @property
-  def resolved_head_dim(self) -> int:
-    return self.head_dim or self.hidden_size // self.num_heads
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
 
-  @property
-  def rotary_dim(self) -> int:
-    return int(self.resolved_head_dim * self.partial_rotary_factor)
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.resolved_head_dim * self.partial_rotary_factor)
 
-  @property
-  def moe_layers(self) -> tuple[int, ...]:
-    return () if self.moe is None else moe_layer_indices(self.moe.layers, self.num_layers)
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return () if self.moe is None else moe_layer_indices(self.moe.layers, self.num_layers)
 
 
 class DecoderBlock(nn.Module):
-  config: DecoderConfig
-  use_moe: bool
+    config: DecoderConfig
+    use_moe: bool
 
-  @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array | None,
-               deterministic: bool) -> tuple[jax.Array, dict | None]:
-    cfg = self.config
-    h = layers.norm(cfg.norm, cfg.norm_eps, name="input_norm")(x)
-    attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.qkv_bias,
-                     cfg.out_bias, causal=True, rotary_dim=cfg.rotary_dim,
-                     rope_theta=cfg.rope_theta, name="attn")(h, positions, valid)
-    if not cfg.parallel_block:
-      x = x + attn
-      h = layers.norm(cfg.norm, cfg.norm_eps, name="post_attn_norm")(x)
-    ffn_args = (cfg.hidden_size, cfg.intermediate_size, cfg.activation, cfg.gated_mlp,
-                cfg.mlp_bias)
-    stats = None
-    if self.use_moe:
-      ffn, stats = MoELayer(cfg.moe, *ffn_args, name="moe")(h, deterministic)
-    else:
-      ffn = MLP(*ffn_args, name="mlp")(h)
-    x = x + attn + ffn if cfg.parallel_block else x + ffn
-    return x, stats
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, valid: jax.Array | None, deterministic: bool
+    ) -> tuple[jax.Array, dict | None]:
+        cfg = self.config
+        h = layers.norm(cfg.norm, cfg.norm_eps, name="input_norm")(x)
+        attn = Attention(
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.resolved_head_dim,
+            cfg.qkv_bias,
+            cfg.out_bias,
+            causal=True,
+            rotary_dim=cfg.rotary_dim,
+            rope_theta=cfg.rope_theta,
+            name="attn",
+        )(h, positions, valid)
+        if not cfg.parallel_block:
+            x = x + attn
+            h = layers.norm(cfg.norm, cfg.norm_eps, name="post_attn_norm")(x)
+        ffn_args = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.activation,
+            cfg.gated_mlp,
+            cfg.mlp_bias,
+        )
+        stats = None
+        if self.use_moe:
+            ffn, stats = MoELayer(cfg.moe, *ffn_args, name="moe")(h, deterministic)
+        else:
+            ffn = MLP(*ffn_args, name="mlp")(h)
+        x = x + attn + ffn if cfg.parallel_block else x + ffn
+        return x, stats
 
 
 class Decoder(nn.Module):
-  config: DecoderConfig
+    config: DecoderConfig
 
-  def setup(self):
-    cfg = self.config
-    self.embed_tokens = nn.Embed(
-        cfg.vocab_size, cfg.hidden_size,
-        embedding_init=layers.logical_init(nn.initializers.normal(0.02), ("vocab", "embed")))
-    moe_layers = set(cfg.moe_layers)
-    self.layers = [DecoderBlock(cfg, use_moe=i in moe_layers) for i in range(cfg.num_layers)]
-    self.final_norm = layers.norm(cfg.norm, cfg.norm_eps)
-    if not cfg.tie_embeddings:
-      self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), use_bias=cfg.lm_head_bias)
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=layers.logical_init(nn.initializers.normal(0.02), ("vocab", "embed")),
+        )
+        moe_layers = set(cfg.moe_layers)
+        self.layers = [DecoderBlock(cfg, use_moe=i in moe_layers) for i in range(cfg.num_layers)]
+        self.final_norm = layers.norm(cfg.norm, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = layers.dense(
+                cfg.vocab_size, ("embed", "vocab"), use_bias=cfg.lm_head_bias
+            )
 
-  def embed(self, input_ids: jax.Array) -> jax.Array:
-    """[batch, seq] -> [batch, seq, embed]; negative ids (image placeholders) embed row 0 and
-    are overwritten by the caller."""
-    return self.embed_tokens(jnp.maximum(input_ids, 0))
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """[batch, seq] -> [batch, seq, embed]; negative ids (image placeholders) embed row 0 and
+        are overwritten by the caller."""
+        return self.embed_tokens(jnp.maximum(input_ids, 0))
 
-  def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array | None = None,
-               deterministic: bool = True) -> tuple[jax.Array, dict]:
-    """x: [batch, seq, embed] -> logits [batch, seq, vocab] (f32) and MoE statistics
-    stacked over the MoE layers (`aux_loss` [L_moe], `expert_load` [L_moe, E],
-    `dropped_fraction` [L_moe]); empty dict for a dense model."""
-    per_layer = []
-    for block in self.layers:
-      x, stats = block(x, positions, valid, deterministic)
-      if stats is not None:
-        per_layer.append(stats)
-    x = self.final_norm(x)
-    logits = self.embed_tokens.attend(x) if self.config.tie_embeddings else self.lm_head(x)
-    moe_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
-    return logits.astype(jnp.float32), moe_stats
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        valid: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, dict]:
+        """x: [batch, seq, embed] -> logits [batch, seq, vocab] (f32) and MoE statistics
+        stacked over the MoE layers (`aux_loss` [L_moe], `expert_load` [L_moe, E],
+        `dropped_fraction` [L_moe]); empty dict for a dense model."""
+        per_layer = []
+        for block in self.layers:
+            x, stats = block(x, positions, valid, deterministic)
+            if stats is not None:
+                per_layer.append(stats)
+        x = self.final_norm(x)
+        logits = self.embed_tokens.attend(x) if self.config.tie_embeddings else self.lm_head(x)
+        moe_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
+        return logits.astype(jnp.float32), moe_stats

@@ -22,36 +22,38 @@ from moe_llava_jax.models.vision import VisionConfig, VisionTower
 
 @dataclasses.dataclass(frozen=True)
 class LVLMConfig:
-  vision: VisionConfig
-  decoder: DecoderConfig
-  projector: str = "mlp2x_gelu"
+    vision: VisionConfig
+    decoder: DecoderConfig
+    projector: str = "mlp2x_gelu"
 
 
-def splice_image_features(embeds: jax.Array, input_ids: jax.Array,
-                          features: jax.Array) -> jax.Array:
-  """Replaces placeholder positions of embeds [b, t, d] with features [b, n, d] in order.
+def splice_image_features(
+    embeds: jax.Array, input_ids: jax.Array, features: jax.Array
+) -> jax.Array:
+    """Replaces placeholder positions of embeds [b, t, d] with features [b, n, d] in order.
 
-  Row b must hold exactly n placeholders or none (text-only sample); the pipeline checks it.
-  """
-  is_image = input_ids == IMAGE_TOKEN_INDEX  # [b, t]
-  index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)  # [b, t]
-  gathered = jnp.take_along_axis(features, index[..., None], axis=1)  # [b, t, d]
-  return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+    Row b must hold exactly n placeholders or none (text-only sample); the pipeline checks it.
+    """
+    is_image = input_ids == IMAGE_TOKEN_INDEX  # [b, t]
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)  # [b, t]
+    gathered = jnp.take_along_axis(features, index[..., None], axis=1)  # [b, t, d]
+    return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
 
 
 class MoELLaVA(nn.Module):
-  config: LVLMConfig
+    config: LVLMConfig
 
-  def setup(self):
-    self.vision = VisionTower(self.config.vision)
-    self.projector = Projector(self.config.projector, self.config.decoder.hidden_size)
-    self.decoder = Decoder(self.config.decoder)
+    def setup(self):
+        self.vision = VisionTower(self.config.vision)
+        self.projector = Projector(self.config.projector, self.config.decoder.hidden_size)
+        self.decoder = Decoder(self.config.decoder)
 
-  def __call__(self, input_ids: jax.Array, images: jax.Array,
-               deterministic: bool = True) -> tuple[jax.Array, dict]:
-    """input_ids [b, t] (placeholders = IMAGE_TOKEN_INDEX), images [b, H, W, 3]
-    -> logits [b, t, vocab], MoE stats (see `Decoder.__call__`)."""
-    features = self.projector(self.vision(images))  # [b, n, d]
-    embeds = splice_image_features(self.decoder.embed(input_ids), input_ids, features)
-    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-    return self.decoder(embeds, positions, None, deterministic)
+    def __call__(
+        self, input_ids: jax.Array, images: jax.Array, deterministic: bool = True
+    ) -> tuple[jax.Array, dict]:
+        """input_ids [b, t] (placeholders = IMAGE_TOKEN_INDEX), images [b, H, W, 3]
+        -> logits [b, t, vocab], MoE stats (see `Decoder.__call__`)."""
+        features = self.projector(self.vision(images))  # [b, n, d]
+        embeds = splice_image_features(self.decoder.embed(input_ids), input_ids, features)
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        return self.decoder(embeds, positions, None, deterministic)

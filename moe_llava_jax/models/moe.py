@@ -33,167 +33,202 @@ PLACEMENTS = ("sparse", "first_half", "second_half", "dense")
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-  num_experts: int = 4
-  top_k: int = 2
-  capacity_factor: float = 1.5  # training
-  eval_capacity_factor: float = 2.0
-  min_capacity: int = 0
-  second_expert_noise: bool = True  # Gumbel noise on choices >= 2 in training (original)
-  eval_second_expert_noise: bool = False  # original: True (non-deterministic greedy decode)
-  router_init_std: float = 0.02
-  num_groups: int = 1  # tokens of the micro-batch are routed in this many independent groups
-  layers: str = "sparse"  # a PLACEMENTS name or comma-separated layer indices, e.g. "0,3"
+    num_experts: int = 4
+    top_k: int = 2
+    capacity_factor: float = 1.5  # training
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 0
+    second_expert_noise: bool = True  # Gumbel noise on choices >= 2 in training (original)
+    eval_second_expert_noise: bool = False  # original: True (non-deterministic greedy decode)
+    router_init_std: float = 0.02
+    num_groups: int = 1  # tokens of the micro-batch are routed in this many independent groups
+    layers: str = "sparse"  # a PLACEMENTS name or comma-separated layer indices, e.g. "0,3"
 
 
 def moe_layer_indices(placement: str, num_layers: int) -> tuple[int, ...]:
-  """Which decoder layers get an MoE FFN (`moe.layers` in the config)."""
-  if placement == "sparse":
-    return tuple(range(0, num_layers, 2))
-  if placement == "first_half":
-    return tuple(range(num_layers // 2))
-  if placement == "second_half":
-    return tuple(range(num_layers // 2, num_layers))
-  if placement == "dense":
-    return tuple(range(num_layers))
-  try:
-    indices = tuple(sorted({int(i) for i in placement.split(",")}))
-  except ValueError:
-    raise ValueError(f"config key model.moe.layers={placement!r}: expected one of {PLACEMENTS} "
-                     "or comma-separated layer indices") from None
-  if not indices or indices[0] < 0 or indices[-1] >= num_layers:
-    raise ValueError(f"config key model.moe.layers={placement!r}: indices must lie in "
-                     f"[0, {num_layers})")
-  return indices
+    """Which decoder layers get an MoE FFN (`moe.layers` in the config)."""
+    if placement == "sparse":
+        return tuple(range(0, num_layers, 2))
+    if placement == "first_half":
+        return tuple(range(num_layers // 2))
+    if placement == "second_half":
+        return tuple(range(num_layers // 2, num_layers))
+    if placement == "dense":
+        return tuple(range(num_layers))
+    try:
+        indices = tuple(sorted({int(i) for i in placement.split(",")}))
+    except ValueError:
+        raise ValueError(
+            f"config key model.moe.layers={placement!r}: expected one of {PLACEMENTS} "
+            "or comma-separated layer indices"
+        ) from None
+    if not indices or indices[0] < 0 or indices[-1] >= num_layers:
+        raise ValueError(
+            f"config key model.moe.layers={placement!r}: indices must lie in [0, {num_layers})"
+        )
+    return indices
 
 
-def expert_capacity(tokens_per_group: int, num_experts: int, top_k: int,
-                    capacity_factor: float, min_capacity: int) -> int:
-  """C = ceil(k * capacity_factor * tokens_per_group / E), at least `min_capacity`."""
-  return max(math.ceil(top_k * capacity_factor * tokens_per_group / num_experts), min_capacity)
+def expert_capacity(
+    tokens_per_group: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int
+) -> int:
+    """C = ceil(k * capacity_factor * tokens_per_group / E), at least `min_capacity`."""
+    return max(math.ceil(top_k * capacity_factor * tokens_per_group / num_experts), min_capacity)
 
 
 class Routing(NamedTuple):
-  expert_index: jax.Array  # [groups, tokens, k] int32: the k chosen experts, in choice order
-  slot: jax.Array  # [groups, tokens, k] int32: slot in the expert's buffer; == capacity if dropped
-  gate: jax.Array  # [groups, tokens, k] f32: renormalised over kept choices, 0 where dropped
-  aux_loss: jax.Array  # []: E * sum_e f_e * P_e, mean over groups
-  expert_load: jax.Array  # [E]: fraction of (token, choice) assignments per expert, pre-drop
-  dropped_fraction: jax.Array  # []: fraction of (token, choice) assignments dropped
+    expert_index: jax.Array  # [groups, tokens, k] int32: the k chosen experts, in choice order
+    slot: (
+        jax.Array
+    )  # [groups, tokens, k] int32: slot in the expert's buffer; == capacity if dropped
+    gate: jax.Array  # [groups, tokens, k] f32: renormalised over kept choices, 0 where dropped
+    aux_loss: jax.Array  # []: E * sum_e f_e * P_e, mean over groups
+    expert_load: jax.Array  # [E]: fraction of (token, choice) assignments per expert, pre-drop
+    dropped_fraction: jax.Array  # []: fraction of (token, choice) assignments dropped
 
 
-def route_top_k(logits: jax.Array, top_k: int, capacity: int,
-                noise_rng: jax.Array | None = None) -> Routing:
-  """Top-k gating with capacity, on router logits [groups, tokens, experts] (fp32)."""
-  num_experts = logits.shape[-1]
-  if not 1 <= top_k <= num_experts:
-    raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-  probs = jax.nn.softmax(logits, axis=-1)  # [g, s, e]
-  noisy = logits
-  if noise_rng is not None:
-    noisy = logits + jax.random.gumbel(noise_rng, logits.shape, logits.dtype)
-  taken = jnp.zeros(logits.shape, bool)
-  choices = []
-  for j in range(top_k):
-    scores = jnp.where(taken, -jnp.inf, logits if j == 0 else noisy)
-    choice = jnp.argmax(scores, axis=-1)  # [g, s]
-    taken = taken | jax.nn.one_hot(choice, num_experts, dtype=bool)
-    choices.append(choice)
-  expert_index = jnp.stack(choices, axis=-1).astype(jnp.int32)  # [g, s, k]
-  onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [g, s, k, e]
+def route_top_k(
+    logits: jax.Array, top_k: int, capacity: int, noise_rng: jax.Array | None = None
+) -> Routing:
+    """Top-k gating with capacity, on router logits [groups, tokens, experts] (fp32)."""
+    num_experts = logits.shape[-1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+    probs = jax.nn.softmax(logits, axis=-1)  # [g, s, e]
+    noisy = logits
+    if noise_rng is not None:
+        noisy = logits + jax.random.gumbel(noise_rng, logits.shape, logits.dtype)
+    taken = jnp.zeros(logits.shape, bool)
+    choices = []
+    for j in range(top_k):
+        scores = jnp.where(taken, -jnp.inf, logits if j == 0 else noisy)
+        choice = jnp.argmax(scores, axis=-1)  # [g, s]
+        taken = taken | jax.nn.one_hot(choice, num_experts, dtype=bool)
+        choices.append(choice)
+    expert_index = jnp.stack(choices, axis=-1).astype(jnp.int32)  # [g, s, k]
+    onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [g, s, k, e]
 
-  # Queue order per expert: every token's 1st choice (token order), then 2nd choices, ...
-  queue = rearrange(onehot, "g s k e -> g (k s) e")
-  position = rearrange(jnp.cumsum(queue, axis=1) - 1, "g (k s) e -> g s k e", k=top_k)
-  slot = jnp.sum(position * onehot, axis=-1)  # [g, s, k]
-  kept = slot < capacity
+    # Queue order per expert: every token's 1st choice (token order), then 2nd choices, ...
+    queue = rearrange(onehot, "g s k e -> g (k s) e")
+    position = rearrange(jnp.cumsum(queue, axis=1) - 1, "g (k s) e -> g s k e", k=top_k)
+    slot = jnp.sum(position * onehot, axis=-1)  # [g, s, k]
+    kept = slot < capacity
 
-  gate = jnp.take_along_axis(probs, expert_index, axis=-1) * kept  # [g, s, k]
-  gate = gate / jnp.maximum(gate.sum(-1, keepdims=True), jnp.finfo(gate.dtype).eps)
+    gate = jnp.take_along_axis(probs, expert_index, axis=-1) * kept  # [g, s, k]
+    gate = gate / jnp.maximum(gate.sum(-1, keepdims=True), jnp.finfo(gate.dtype).eps)
 
-  top1_fraction = onehot[:, :, 0].astype(jnp.float32).mean(axis=1)  # f_e: [g, e]
-  mean_prob = probs.mean(axis=1)  # P_e: [g, e]
-  aux_loss = jnp.mean(num_experts * jnp.sum(top1_fraction * mean_prob, axis=-1))
-  return Routing(
-      expert_index=expert_index,
-      slot=jnp.where(kept, slot, capacity),
-      gate=gate,
-      aux_loss=aux_loss,
-      expert_load=onehot.astype(jnp.float32).mean(axis=(0, 1, 2)),
-      dropped_fraction=1.0 - kept.astype(jnp.float32).mean(),
-  )
+    top1_fraction = onehot[:, :, 0].astype(jnp.float32).mean(axis=1)  # f_e: [g, e]
+    mean_prob = probs.mean(axis=1)  # P_e: [g, e]
+    aux_loss = jnp.mean(num_experts * jnp.sum(top1_fraction * mean_prob, axis=-1))
+    return Routing(
+        expert_index=expert_index,
+        slot=jnp.where(kept, slot, capacity),
+        gate=gate,
+        aux_loss=aux_loss,
+        expert_load=onehot.astype(jnp.float32).mean(axis=(0, 1, 2)),
+        dropped_fraction=1.0 - kept.astype(jnp.float32).mean(),
+    )
 
 
 def _flat_slot(routing: Routing, capacity: int, num_experts: int) -> jax.Array:
-  """[g, s, k] index into a flattened [E * C] buffer; dropped choices -> E * C (a trash slot)."""
-  return jnp.where(routing.slot < capacity, routing.expert_index * capacity + routing.slot,
-                   num_experts * capacity)
+    """[g, s, k] index into a flattened [E * C] buffer; dropped choices -> E * C (a trash slot)."""
+    return jnp.where(
+        routing.slot < capacity,
+        routing.expert_index * capacity + routing.slot,
+        num_experts * capacity,
+    )
 
 
 def dispatch(x: jax.Array, routing: Routing, num_experts: int, capacity: int) -> jax.Array:
-  """Gathers tokens x [g, s, d] into expert buffers [g, E, C, d] (empty slots are 0)."""
-  groups, tokens, _ = x.shape
-  flat_slot = _flat_slot(routing, capacity, num_experts)  # [g, s, k]
-  token_id = jnp.broadcast_to(jnp.arange(tokens)[:, None], flat_slot.shape[1:])  # [s, k]
+    """Gathers tokens x [g, s, d] into expert buffers [g, E, C, d] (empty slots are 0)."""
+    groups, tokens, _ = x.shape
+    flat_slot = _flat_slot(routing, capacity, num_experts)  # [g, s, k]
+    token_id = jnp.broadcast_to(jnp.arange(tokens)[:, None], flat_slot.shape[1:])  # [s, k]
 
-  def slot_to_token(slots: jax.Array) -> jax.Array:  # [s, k] -> [E * C]
-    owner = jnp.full((num_experts * capacity + 1,), tokens, jnp.int32)
-    return owner.at[slots.reshape(-1)].set(token_id.reshape(-1))[:-1]
+    def slot_to_token(slots: jax.Array) -> jax.Array:  # [s, k] -> [E * C]
+        owner = jnp.full((num_experts * capacity + 1,), tokens, jnp.int32)
+        return owner.at[slots.reshape(-1)].set(token_id.reshape(-1))[:-1]
 
-  owner = jax.vmap(slot_to_token)(flat_slot)  # [g, E*C]; `tokens` marks an empty slot
-  x_padded = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)  # [g, s + 1, d]
-  buffers = jnp.take_along_axis(x_padded, owner[..., None], axis=1)  # [g, E*C, d]
-  return rearrange(buffers, "g (e c) d -> g e c d", e=num_experts)
+    owner = jax.vmap(slot_to_token)(flat_slot)  # [g, E*C]; `tokens` marks an empty slot
+    x_padded = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)  # [g, s + 1, d]
+    buffers = jnp.take_along_axis(x_padded, owner[..., None], axis=1)  # [g, E*C, d]
+    return rearrange(buffers, "g (e c) d -> g e c d", e=num_experts)
 
 
 def combine(y: jax.Array, routing: Routing) -> jax.Array:
-  """Expert outputs y [g, E, C, d] -> tokens [g, s, d] = sum_k gate_k * y[e_k, slot_k]."""
-  num_experts, capacity = y.shape[1], y.shape[2]
-  flat = rearrange(y, "g e c d -> g (e c) d")
-  flat = jnp.concatenate([flat, jnp.zeros_like(flat[:, :1])], axis=1)  # trash slot reads 0
-  flat_slot = _flat_slot(routing, capacity, num_experts)
-  picked = jax.vmap(lambda buf, idx: buf[idx])(flat, flat_slot)  # [g, s, k, d]
-  return jnp.einsum("gskd,gsk->gsd", picked, routing.gate.astype(y.dtype))
+    """Expert outputs y [g, E, C, d] -> tokens [g, s, d] = sum_k gate_k * y[e_k, slot_k]."""
+    num_experts, capacity = y.shape[1], y.shape[2]
+    flat = rearrange(y, "g e c d -> g (e c) d")
+    flat = jnp.concatenate([flat, jnp.zeros_like(flat[:, :1])], axis=1)  # trash slot reads 0
+    flat_slot = _flat_slot(routing, capacity, num_experts)
+    picked = jax.vmap(lambda buf, idx: buf[idx])(flat, flat_slot)  # [g, s, k, d]
+    return jnp.einsum("gskd,gsk->gsd", picked, routing.gate.astype(y.dtype))
 
 
 class MoELayer(nn.Module):
-  """Router + E stacked experts (the same `MLP`, vmapped: params [E, ...])."""
+    """Router + E stacked experts (the same `MLP`, vmapped: params [E, ...])."""
 
-  config: MoEConfig
-  hidden_size: int
-  intermediate_size: int
-  activation: str
-  gated: bool
-  use_bias: bool
-  dtype: jnp.dtype = jnp.float32
+    config: MoEConfig
+    hidden_size: int
+    intermediate_size: int
+    activation: str
+    gated: bool
+    use_bias: bool
+    dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, dict]:
-    cfg = self.config
-    batch = x.shape[0]
-    if batch % cfg.num_groups:
-      raise ValueError(f"batch {batch} is not divisible by model.moe.num_groups={cfg.num_groups}")
-    tokens = rearrange(x, "(g b) t d -> g (b t) d", g=cfg.num_groups)
-    router = nn.Dense(cfg.num_experts, use_bias=False, dtype=jnp.float32,
-                      kernel_init=layers.logical_init(
-                          nn.initializers.normal(cfg.router_init_std), ("embed", None)),
-                      name="router")
-    logits = router(tokens.astype(jnp.float32))  # [g, s, E]
-    capacity = expert_capacity(
-        tokens.shape[1], cfg.num_experts, cfg.top_k,
-        cfg.eval_capacity_factor if deterministic else cfg.capacity_factor, cfg.min_capacity)
-    noise = cfg.eval_second_expert_noise if deterministic else cfg.second_expert_noise
-    rng = self.make_rng("gating") if noise and cfg.top_k > 1 else None
-    routing = route_top_k(logits, cfg.top_k, capacity, rng)
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, dict]:
+        cfg = self.config
+        batch = x.shape[0]
+        if batch % cfg.num_groups:
+            raise ValueError(
+                f"batch {batch} is not divisible by model.moe.num_groups={cfg.num_groups}"
+            )
+        tokens = rearrange(x, "(g b) t d -> g (b t) d", g=cfg.num_groups)
+        router = nn.Dense(
+            cfg.num_experts,
+            use_bias=False,
+            dtype=jnp.float32,
+            kernel_init=layers.logical_init(
+                nn.initializers.normal(cfg.router_init_std), ("embed", None)
+            ),
+            name="router",
+        )
+        logits = router(tokens.astype(jnp.float32))  # [g, s, E]
+        capacity = expert_capacity(
+            tokens.shape[1],
+            cfg.num_experts,
+            cfg.top_k,
+            cfg.eval_capacity_factor if deterministic else cfg.capacity_factor,
+            cfg.min_capacity,
+        )
+        noise = cfg.eval_second_expert_noise if deterministic else cfg.second_expert_noise
+        rng = self.make_rng("gating") if noise and cfg.top_k > 1 else None
+        routing = route_top_k(logits, cfg.top_k, capacity, rng)
 
-    buffers = dispatch(tokens, routing, cfg.num_experts, capacity)  # [g, E, C, d]
-    buffers = nn.with_logical_constraint(buffers, (None, "expert", None, None))
-    experts = nn.vmap(
-        MLP, in_axes=1, out_axes=1, variable_axes={"params": 0},
-        split_rngs={"params": True}, metadata_params={nn.PARTITION_NAME: "expert"},
-    )(self.hidden_size, self.intermediate_size, self.activation, self.gated, self.use_bias,
-      self.dtype, name="experts")
-    y = nn.with_logical_constraint(experts(buffers), (None, "expert", None, None))
-    out = rearrange(combine(y, routing), "g (b t) d -> (g b) t d", b=batch // cfg.num_groups)
-    stats = {"aux_loss": routing.aux_loss, "expert_load": routing.expert_load,
-             "dropped_fraction": routing.dropped_fraction}
-    return out, stats
+        buffers = dispatch(tokens, routing, cfg.num_experts, capacity)  # [g, E, C, d]
+        buffers = nn.with_logical_constraint(buffers, (None, "expert", None, None))
+        experts = nn.vmap(
+            MLP,
+            in_axes=1,
+            out_axes=1,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            metadata_params={nn.PARTITION_NAME: "expert"},
+        )(
+            self.hidden_size,
+            self.intermediate_size,
+            self.activation,
+            self.gated,
+            self.use_bias,
+            self.dtype,
+            name="experts",
+        )
+        y = nn.with_logical_constraint(experts(buffers), (None, "expert", None, None))
+        out = rearrange(combine(y, routing), "g (b t) d -> (g b) t d", b=batch // cfg.num_groups)
+        stats = {
+            "aux_loss": routing.aux_loss,
+            "expert_load": routing.expert_load,
+            "dropped_fraction": routing.dropped_fraction,
+        }
+        return out, stats

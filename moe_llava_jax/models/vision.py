@@ -22,79 +22,103 @@ from moe_llava_jax.models.mlp import MLP
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  image_size: int = 336
-  patch_size: int = 14
-  hidden_size: int = 1024
-  num_layers: int = 24
-  num_heads: int = 16
-  intermediate_size: int = 4096
-  activation: str = "quick_gelu"  # CLIP; SigLIP: gelu_new
-  norm_eps: float = 1e-5
-  class_token: bool = True  # CLIP: True; SigLIP: False
-  pre_norm: bool = True  # CLIP's `pre_layrnorm` on the embeddings; SigLIP: False
-  patch_bias: bool = False  # CLIP: False; SigLIP: True
-  select_layer: int = -2  # index into the HF hidden_states tuple (embeddings + every block)
-  select_feature: str = "patch"  # "patch" (drop the first token) | "all"
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    activation: str = "quick_gelu"  # CLIP; SigLIP: gelu_new
+    norm_eps: float = 1e-5
+    class_token: bool = True  # CLIP: True; SigLIP: False
+    pre_norm: bool = True  # CLIP's `pre_layrnorm` on the embeddings; SigLIP: False
+    patch_bias: bool = False  # CLIP: False; SigLIP: True
+    select_layer: int = -2  # index into the HF hidden_states tuple (embeddings + every block)
+    select_feature: str = "patch"  # "patch" (drop the first token) | "all"
 
-  @property
-  def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
 
-  @property
-  def num_image_tokens(self) -> int:
-    """How many features the tower returns per image: the `<image>` expansion length."""
-    seq = self.num_patches + int(self.class_token)
-    return seq - 1 if self.select_feature == "patch" else seq
+    @property
+    def num_image_tokens(self) -> int:
+        """How many features the tower returns per image: the `<image>` expansion length."""
+        seq = self.num_patches + int(self.class_token)
+        return seq - 1 if self.select_feature == "patch" else seq
 
-  @property
-  def num_blocks_to_run(self) -> int:
-    """hidden_states[i] is the output of block i-1 (index 0: the embeddings)."""
-    num_states = self.num_layers + 1
-    if not -num_states <= self.select_layer < num_states:
-      raise ValueError(f"config key model.vision.select_layer={self.select_layer} out of range "
-                       f"for {self.num_layers} layers")
-    return self.select_layer % num_states
+    @property
+    def num_blocks_to_run(self) -> int:
+        """hidden_states[i] is the output of block i-1 (index 0: the embeddings)."""
+        num_states = self.num_layers + 1
+        if not -num_states <= self.select_layer < num_states:
+            raise ValueError(
+                f"config key model.vision.select_layer={self.select_layer} out of range "
+                f"for {self.num_layers} layers"
+            )
+        return self.select_layer % num_states
 
 
 class VisionBlock(nn.Module):
-  config: VisionConfig
+    config: VisionConfig
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:  # x: [batch, tokens, embed]
-    cfg = self.config
-    h = layers.norm("layernorm", cfg.norm_eps, name="norm1")(x)
-    x = x + Attention(cfg.num_heads, cfg.num_heads, cfg.hidden_size // cfg.num_heads,
-                      qkv_bias=True, out_bias=True, causal=False, name="attn")(h)
-    h = layers.norm("layernorm", cfg.norm_eps, name="norm2")(x)
-    return x + MLP(cfg.hidden_size, cfg.intermediate_size, cfg.activation, gated=False,
-                   use_bias=True, name="mlp")(h)
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # x: [batch, tokens, embed]
+        cfg = self.config
+        h = layers.norm("layernorm", cfg.norm_eps, name="norm1")(x)
+        x = x + Attention(
+            cfg.num_heads,
+            cfg.num_heads,
+            cfg.hidden_size // cfg.num_heads,
+            qkv_bias=True,
+            out_bias=True,
+            causal=False,
+            name="attn",
+        )(h)
+        h = layers.norm("layernorm", cfg.norm_eps, name="norm2")(x)
+        return x + MLP(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.activation,
+            gated=False,
+            use_bias=True,
+            name="mlp",
+        )(h)
 
 
 class VisionTower(nn.Module):
-  config: VisionConfig
+    config: VisionConfig
 
-  @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
-    """images: [batch, H, W, 3] normalised floats -> features [batch, num_image_tokens, embed]."""
-    cfg = self.config
-    if images.shape[1:3] != (cfg.image_size, cfg.image_size):
-      raise ValueError(f"images are {images.shape[1:3]}, model.vision.image_size is "
-                       f"{cfg.image_size}")
-    patches = rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)",
-                        p=cfg.patch_size, q=cfg.patch_size)
-    x = layers.dense(cfg.hidden_size, ("patch", "embed"), use_bias=cfg.patch_bias,
-                     name="patch_embed")(patches)  # [b, num_patches, embed]
-    if cfg.class_token:
-      cls = self.param("class_embedding",
-                       layers.logical_init(nn.initializers.normal(0.02), ("embed",)),
-                       (cfg.hidden_size,))
-      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.hidden_size)), x], axis=1)
-    pos = self.param("position_embedding",
-                     layers.logical_init(nn.initializers.normal(0.02), (None, "embed")),
-                     (x.shape[1], cfg.hidden_size))
-    x = x + pos
-    if cfg.pre_norm:
-      x = layers.norm("layernorm", cfg.norm_eps, name="pre_norm")(x)
-    for i in range(cfg.num_blocks_to_run):
-      x = VisionBlock(cfg, name=f"layers_{i}")(x)
-    return x[:, 1:] if cfg.select_feature == "patch" else x
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """images: [batch, H, W, 3] normalised floats -> features [batch, num_image_tokens, embed]."""
+        cfg = self.config
+        if images.shape[1:3] != (cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"images are {images.shape[1:3]}, model.vision.image_size is {cfg.image_size}"
+            )
+        patches = rearrange(
+            images, "b (h p) (w q) c -> b (h w) (p q c)", p=cfg.patch_size, q=cfg.patch_size
+        )
+        x = layers.dense(
+            cfg.hidden_size, ("patch", "embed"), use_bias=cfg.patch_bias, name="patch_embed"
+        )(patches)  # [b, num_patches, embed]
+        if cfg.class_token:
+            cls = self.param(
+                "class_embedding",
+                layers.logical_init(nn.initializers.normal(0.02), ("embed",)),
+                (cfg.hidden_size,),
+            )
+            x = jnp.concatenate(
+                [jnp.broadcast_to(cls, (x.shape[0], 1, cfg.hidden_size)), x], axis=1
+            )
+        pos = self.param(
+            "position_embedding",
+            layers.logical_init(nn.initializers.normal(0.02), (None, "embed")),
+            (x.shape[1], cfg.hidden_size),
+        )
+        x = x + pos
+        if cfg.pre_norm:
+            x = layers.norm("layernorm", cfg.norm_eps, name="pre_norm")(x)
+        for i in range(cfg.num_blocks_to_run):
+            x = VisionBlock(cfg, name=f"layers_{i}")(x)
+        return x[:, 1:] if cfg.select_feature == "patch" else x
