@@ -172,6 +172,17 @@ class Stage:
             max_length=self.stage_cfg.max_length,
         )
 
+    def batches(self, source: LlavaJsonSource, tokenizer: Tokenizer):
+        """The stage's training batches: `batches[step]` is this process's share of step's."""
+        return training_batches(
+            source,
+            tokenizer,
+            get_template(self.stage_cfg.template),
+            self.preprocessing(),
+            global_batch_size=self.stage_cfg.batch_size,
+            seed=self.config.seed,
+        )
+
     def init_variables(self, rng: jax.Array) -> dict:
         params_rng, gating_rng = jax.random.split(rng)
         return self.model.init({"params": params_rng, "gating": gating_rng}, *self.dummy)
@@ -256,15 +267,7 @@ def train_stage(stage: Stage, source: LlavaJsonSource, tokenizer: Tokenizer) -> 
     state = stage.initial_state(manager)
     start = int(jax.device_get(state["step"]))
     if start < cfg.num_steps:
-        prep = stage.preprocessing()
-        batches = training_batches(
-            source,
-            tokenizer,
-            get_template(cfg.template),
-            prep,
-            global_batch_size=cfg.batch_size,
-            seed=config.seed,
-        )
+        batches = stage.batches(source, tokenizer)
         writer = SummaryWriter(str(stage_dir / "tensorboard"))
         meta = {"stage": stage.name, "config": config.to_json()}
         with (

@@ -5,6 +5,7 @@ from collections import defaultdict
 
 import pytest
 
+from moe_llava_jax.data.jsonl import write_jsonl
 from moe_llava_jax.evaluate import pope
 
 # Hand-made annotations. Image frequencies: cat 3; bus, car, dog, tree 2; person, sofa 1.
@@ -179,8 +180,8 @@ def test_unknown_split_is_named():
 def test_probe_files_round_trip(tmp_path):
     probes = pope.build_pope_probes(ANNOTATIONS, "popular", num_per_image=2)
     questions = [{k: p[k] for k in ("question_id", "image", "text", "category")} for p in probes]
-    pope.write_jsonl(tmp_path / "q" / "questions.jsonl", questions)
-    pope.write_jsonl(tmp_path / "labels.jsonl", [{"label": p["label"]} for p in probes])
+    write_jsonl(tmp_path / "q" / "questions.jsonl", questions)
+    write_jsonl(tmp_path / "labels.jsonl", [{"label": p["label"]} for p in probes])
     assert pope.read_pope_questions(tmp_path / "q" / "questions.jsonl") == questions
     assert pope.read_pope_labels(tmp_path / "labels.jsonl") == [p["label"] for p in probes]
 
@@ -198,14 +199,18 @@ def test_read_labels_accepts_original_pope_files(tmp_path):
 @pytest.mark.parametrize(
     "reader, second_line, message",
     [
-        (pope.read_pope_labels, '{"question_id": 2}', "labels.jsonl:2: missing field 'label'"),
-        (pope.read_pope_labels, '{"label": "Yes"}', "labels.jsonl:2: field 'label'"),
-        (pope.read_pope_labels, '{"label": ', "labels.jsonl:2: invalid JSON"),
-        (pope.read_pope_labels, '["no"]', "labels.jsonl:2: expected a JSON object"),
+        (
+            pope.read_pope_labels,
+            '{"question_id": 2}',
+            "labels.jsonl: line 2: missing field 'label'",
+        ),
+        (pope.read_pope_labels, '{"label": "Yes"}', "labels.jsonl: line 2: field 'label'"),
+        (pope.read_pope_labels, '{"label": ', "labels.jsonl: line 2: invalid JSON"),
+        (pope.read_pope_labels, '["no"]', "labels.jsonl: line 2: expected a JSON object"),
         (
             pope.read_pope_questions,
             '{"question_id": 2, "image": "b.jpg"}',
-            "labels.jsonl:2: missing field 'text'",
+            "labels.jsonl: line 2: missing field 'text'",
         ),
     ],
 )

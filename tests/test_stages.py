@@ -7,8 +7,6 @@ import optax
 import pytest
 
 from moe_llava_jax import sharding, stages, train
-from moe_llava_jax.data.conversation import get_template
-from moe_llava_jax.data.pipeline import training_batches
 
 
 def make_stage(config, name):
@@ -18,17 +16,7 @@ def make_stage(config, name):
 
 
 def first_batch(stage, data, tokenizer):
-    cfg = stage.stage_cfg
-    source = train.stage_source(stage.config, stage.name, data)
-    prep = stage.preprocessing()
-    batches = training_batches(
-        source,
-        tokenizer,
-        get_template(cfg.template),
-        prep,
-        global_batch_size=cfg.batch_size,
-        seed=0,
-    )
+    batches = stage.batches(train.stage_source(stage.config, stage.name, data), tokenizer)
     return {k: jnp.asarray(v) for k, v in batches[0].items()}
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import grain
 
 from moe_llava_jax.data.conversation import IMAGE_PLACEHOLDER
+from moe_llava_jax.data.jsonl import iter_jsonl
 
 _ROLES = ("human", "gpt")
 
@@ -63,24 +64,16 @@ def _load_raw(path: Path) -> list[tuple[str, Any]]:
     JSONL (by the `.jsonl` suffix) is read line by line so a bad line is reported by its
     line number; anything else must be a JSON list, reported by record index.
     """
+    if path.suffix == ".jsonl":
+        return [(f"line {lineno}", record) for lineno, record in iter_jsonl(path)]
     with open(path, encoding="utf-8") as f:
-        if path.suffix != ".jsonl":
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON list of records")
-            return [(f"record {i}", record) for i, record in enumerate(data)]
-        raw = []
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw.append((f"line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
-        return raw
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    return [(f"record {i}", record) for i, record in enumerate(data)]
 
 
 class LlavaJsonSource:

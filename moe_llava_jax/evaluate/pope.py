@@ -9,13 +9,14 @@ that numbers are comparable with published ones.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import combinations
 
 import numpy as np
+
+from moe_llava_jax.data.jsonl import iter_jsonl
 
 SPLITS = ("random", "popular", "adversarial")
 
@@ -125,25 +126,14 @@ def build_pope_probes(
 
 
 def _read_jsonl(path: str | os.PathLike, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
-    """Yields (line number, object) per non-blank line of a jsonl file.
-
-    Bad lines fail with file:line and the missing field, so a broken evaluation file is
-    found before hours of decoding rather than after.
-    """
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            for field in required:
-                if field not in row:
-                    raise ValueError(f"{path}:{lineno}: missing field {field!r}")
-            yield lineno, row
+    """(line number, object) per line; a non-object or a missing field fails with file:line."""
+    for lineno, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {lineno}: expected a JSON object")
+        for field in required:
+            if field not in row:
+                raise ValueError(f"{path}: line {lineno}: missing field {field!r}")
+        yield lineno, row
 
 
 def read_pope_questions(path: str | os.PathLike) -> list[dict]:
@@ -161,17 +151,11 @@ def read_pope_labels(path: str | os.PathLike) -> list[str]:
     labels = []
     for lineno, row in _read_jsonl(path, ("label",)):
         if row["label"] not in (_YES, _NO):
-            raise ValueError(f"{path}:{lineno}: field 'label' is {row['label']!r}, not yes/no")
+            raise ValueError(
+                f"{path}: line {lineno}: field 'label' is {row['label']!r}, not yes/no"
+            )
         labels.append(row["label"])
     return labels
-
-
-def write_jsonl(path: str | os.PathLike, rows: Sequence[Mapping]) -> None:
-    """Writes one JSON object per line, creating the parent directory if needed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------

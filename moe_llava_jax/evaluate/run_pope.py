@@ -10,6 +10,7 @@ import numpy as np
 from moe_llava_jax.data.conversation import IMAGE_PLACEHOLDER, ChatTemplate, tokenize_prompt
 from moe_llava_jax.data.pipeline import Preprocessing, load_model_image
 from moe_llava_jax.data.tokenizer import Tokenizer
+from moe_llava_jax.data.jsonl import write_jsonl
 from moe_llava_jax.evaluate import pope
 from moe_llava_jax.generate import LogitsFn, greedy_generate
 
@@ -82,7 +83,7 @@ def evaluate_pope(
         )
         results[split] = pope.score(answers, [p["label"] for p in probes])
         if answers_dir is not None:
-            pope.write_jsonl(
+            write_jsonl(
                 answers_dir / f"pope_{split}_answers.jsonl",
                 [{**p, "answer": a} for p, a in zip(probes, answers)],
             )

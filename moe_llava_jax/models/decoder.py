@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from moe_llava_jax.models import layers
 from moe_llava_jax.models.attention import Attention
-from moe_llava_jax.models.mlp import MLP
+from moe_llava_jax.models.mlp import MLP, FFNConfig
 from moe_llava_jax.models.moe import MoEConfig, MoELayer, moe_layer_indices
 
 
@@ -79,18 +79,14 @@ class DecoderBlock(nn.Module):
         if not cfg.parallel_block:
             x = x + attn
             h = layers.norm(cfg.norm, cfg.norm_eps, name="post_attn_norm")(x)
-        ffn_args = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.activation,
-            cfg.gated_mlp,
-            cfg.mlp_bias,
+        ffn_cfg = FFNConfig(
+            cfg.hidden_size, cfg.intermediate_size, cfg.activation, cfg.gated_mlp, cfg.mlp_bias
         )
         stats = None
         if self.use_moe:
-            ffn, stats = MoELayer(cfg.moe, *ffn_args, name="moe")(h, deterministic)
+            ffn, stats = MoELayer(cfg.moe, ffn_cfg, name="moe")(h, deterministic)
         else:
-            ffn = MLP(*ffn_args, name="mlp")(h)
+            ffn = MLP(ffn_cfg, name="mlp")(h)
         x = x + attn + ffn if cfg.parallel_block else x + ffn
         return x, stats
 

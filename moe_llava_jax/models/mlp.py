@@ -6,6 +6,8 @@ is a pure tiling of this module's params along a new leading `expert` axis.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,8 @@ import jax.numpy as jnp
 from moe_llava_jax.models import layers
 
 
-class MLP(nn.Module):
+@dataclasses.dataclass(frozen=True)
+class FFNConfig:
     """`gated=True`: SwiGLU-style `wo(act(wi_gate x) * wi_up x)` (LLaMA, Qwen, StableLM);
     `gated=False`: `wo(act(wi x))` (Phi-2, CLIP)."""
 
@@ -22,22 +25,27 @@ class MLP(nn.Module):
     activation: str
     gated: bool
     use_bias: bool
+
+
+class MLP(nn.Module):
+    config: FFNConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., embed]
-        act = layers.activation(self.activation)
+        cfg = self.config
+        act = layers.activation(cfg.activation)
         up = lambda name: layers.dense(
-            self.intermediate_size,
+            cfg.intermediate_size,
             ("embed", "mlp"),
-            use_bias=self.use_bias,
+            use_bias=cfg.use_bias,
             name=name,
             dtype=self.dtype,
         )
-        if self.gated:
+        if cfg.gated:
             h = act(up("wi_gate")(x)) * up("wi_up")(x)  # [..., mlp]
         else:
             h = act(up("wi")(x))  # [..., mlp]
         return layers.dense(
-            self.hidden_size, ("mlp", "embed"), use_bias=self.use_bias, name="wo", dtype=self.dtype
+            cfg.hidden_size, ("mlp", "embed"), use_bias=cfg.use_bias, name="wo", dtype=self.dtype
         )(h)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from moe_llava_jax.models import layers
-from moe_llava_jax.models.mlp import MLP
+from moe_llava_jax.models.mlp import MLP, FFNConfig
 
 PLACEMENTS = ("sparse", "first_half", "second_half", "dense")
 
@@ -169,11 +169,7 @@ class MoELayer(nn.Module):
     """Router + E stacked experts (the same `MLP`, vmapped: params [E, ...])."""
 
     config: MoEConfig
-    hidden_size: int
-    intermediate_size: int
-    activation: str
-    gated: bool
-    use_bias: bool
+    ffn: FFNConfig  # every expert's shape: the dense FFN it is upcycled from
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -215,15 +211,7 @@ class MoELayer(nn.Module):
             variable_axes={"params": 0},
             split_rngs={"params": True},
             metadata_params={nn.PARTITION_NAME: "expert"},
-        )(
-            self.hidden_size,
-            self.intermediate_size,
-            self.activation,
-            self.gated,
-            self.use_bias,
-            self.dtype,
-            name="experts",
-        )
+        )(self.ffn, self.dtype, name="experts")
         y = nn.with_logical_constraint(experts(buffers), (None, "expert", None, None))
         out = rearrange(combine(y, routing), "g (b t) d -> (g b) t d", b=batch // cfg.num_groups)
         stats = {

@@ -17,7 +17,7 @@ from einops import rearrange
 
 from moe_llava_jax.models import layers
 from moe_llava_jax.models.attention import Attention
-from moe_llava_jax.models.mlp import MLP
+from moe_llava_jax.models.mlp import MLP, FFNConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +75,10 @@ class VisionBlock(nn.Module):
             name="attn",
         )(h)
         h = layers.norm("layernorm", cfg.norm_eps, name="norm2")(x)
-        return x + MLP(
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.activation,
-            gated=False,
-            use_bias=True,
-            name="mlp",
-        )(h)
+        ffn_cfg = FFNConfig(
+            cfg.hidden_size, cfg.intermediate_size, cfg.activation, gated=False, use_bias=True
+        )
+        return x + MLP(ffn_cfg, name="mlp")(h)
 
 
 class VisionTower(nn.Module):
