@@ -126,7 +126,7 @@ def route_top_k(
         gate=gate,
         aux_loss=aux_loss,
         expert_load=onehot.astype(jnp.float32).mean(axis=(0, 1, 2)),
-        dropped_fraction=1.0 - kept.astype(jnp.float32).mean(),
+        dropped_fraction=jnp.mean(~kept, dtype=jnp.float32),
     )
 
 
