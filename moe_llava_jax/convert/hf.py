@@ -1,0 +1,107 @@
+"""Import Hugging Face backbones into our param trees and export them back.
+
+    decoder_cfg, decoder_params = load_decoder("/models/phi-2")
+    vision_cfg, vision_params = load_vision("/models/clip-vit-large-patch14-336")
+    export_decoder(decoder_params, "phi", "/tmp/phi-2-roundtrip")
+
+Params come back as float32 numpy trees (master weights), whatever the checkpoint dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from moe_llava_jax import stages
+from moe_llava_jax.convert import families, name_rules, safetensors_io
+from moe_llava_jax.models.decoder import Decoder, DecoderConfig
+from moe_llava_jax.models.vision import VisionConfig, VisionTower
+
+VISION_PREFIX = "vision_model."  # full CLIPModel / SiglipModel checkpoints nest the tower here
+
+
+def read_hf_config(directory: str | Path) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: expected a Hugging Face model directory")
+    return json.loads(path.read_text())
+
+
+def _shapes(abstract_params: Mapping) -> dict[str, tuple[int, ...]]:
+    return {path: tuple(x.shape) for path, x in stages.flatten(nn.unbox(abstract_params)).items()}
+
+
+def decoder_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    ids = jnp.zeros((1, 1), jnp.int32)
+    positions = jnp.zeros((1, 1), jnp.int32)
+    init = lambda: Decoder(config).init(
+        jax.random.key(0), ids, method=lambda m, x: m(m.embed(x), positions)
+    )
+    return _shapes(jax.eval_shape(init)["params"])
+
+
+def vision_shapes(config: VisionConfig) -> dict[str, tuple[int, ...]]:
+    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    init = lambda: VisionTower(config).init(jax.random.key(0), images)
+    return _shapes(jax.eval_shape(init)["params"])
+
+
+def _as_tree(flat: Mapping[str, np.ndarray]) -> dict:
+    return stages.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
+def load_decoder(directory: str | Path) -> tuple[DecoderConfig, dict]:
+    """(config, params) of a LLaMA / Qwen2 / StableLM / Phi causal LM directory."""
+    hf = read_hf_config(directory)
+    config = families.decoder_config(hf)
+    flat = name_rules.import_tensors(
+        safetensors_io.read_checkpoint(directory),
+        families.decoder_rules(hf["model_type"]),
+        decoder_shapes(config),
+        families.decoder_ignored(config),
+    )
+    return config, _as_tree(flat)
+
+
+def load_vision(
+    directory: str | Path, *, select_layer: int = -2, select_feature: str = "patch"
+) -> tuple[VisionConfig, dict]:
+    """(config, params) of a CLIP or SigLIP vision tower (a full CLIP/SigLIP checkpoint's
+    text half is left out)."""
+    hf = read_hf_config(directory)
+    config = families.vision_config(hf, select_layer=select_layer, select_feature=select_feature)
+    tensors = safetensors_io.read_checkpoint(directory)
+    if "vision_config" in hf:  # full dual-encoder checkpoint
+        tensors = {
+            k[len(VISION_PREFIX) :]: v for k, v in tensors.items() if k.startswith(VISION_PREFIX)
+        }
+    flat = name_rules.import_tensors(
+        tensors, families.vision_rules(), vision_shapes(config), families.vision_ignored(config)
+    )
+    return config, _as_tree(flat)
+
+
+def _export(flat_tensors: Mapping[str, np.ndarray], directory: str | Path, dtype) -> None:
+    safetensors_io.write_checkpoint(
+        {k: np.asarray(v).astype(dtype) for k, v in flat_tensors.items()}, directory
+    )
+
+
+def export_decoder(
+    params: Mapping, model_type: str, directory: str | Path, dtype=np.float32
+) -> None:
+    """Our decoder params -> `directory/model.safetensors` in the HF layout of `model_type`."""
+    rules = families.decoder_rules(model_type)
+    _export(name_rules.export_tensors(stages.flatten(params), rules), directory, dtype)
+
+
+def export_vision(params: Mapping, directory: str | Path, dtype=np.float32) -> None:
+    _export(
+        name_rules.export_tensors(stages.flatten(params), families.vision_rules()), directory, dtype
+    )

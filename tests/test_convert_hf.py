@@ -1,0 +1,191 @@
+"""Hugging Face import/export: logits parity with transformers (PyTorch, float32) and exact
+round trips. Tiny random models are built and saved by the test; nothing is downloaded."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax.numpy as jnp  # noqa: E402
+
+from moe_llava_jax import stages  # noqa: E402
+from moe_llava_jax.convert import hf, safetensors_io  # noqa: E402
+from moe_llava_jax.models.decoder import Decoder  # noqa: E402
+from moe_llava_jax.models.vision import VisionTower  # noqa: E402
+
+TOLERANCE = 1e-4
+TEXT = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4
+)
+DECODERS = {
+    "llama": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**TEXT, num_key_value_heads=2, rms_norm_eps=1e-6)
+    ),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(**TEXT, num_key_value_heads=2, tie_word_embeddings=True)
+    ),
+    "stablelm": lambda: transformers.StableLmForCausalLM(
+        transformers.StableLmConfig(**TEXT, num_key_value_heads=2, use_qkv_bias=True)
+    ),
+    "phi": lambda: transformers.PhiForCausalLM(transformers.PhiConfig(**TEXT)),
+}
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+TOWERS = {
+    "clip": lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)),
+    "siglip": lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION)),
+}
+
+
+def randomized(model):
+    """HF inits some weights to exact zeros/ones; random values make every tensor matter."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def our_logits(config, params, ids):
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    logits, _ = Decoder(config).apply(
+        {"params": params}, jnp.asarray(ids), method=lambda m, x: m(m.embed(x), positions)
+    )
+    return np.asarray(logits)
+
+
+@pytest.mark.parametrize("family", sorted(DECODERS))
+def test_decoder_logits_match_transformers(tmp_path, family):
+    model = randomized(DECODERS[family]())
+    model.save_pretrained(tmp_path / "hf")
+    config, params = hf.load_decoder(tmp_path / "hf")
+    ids = np.random.default_rng(0).integers(0, TEXT["vocab_size"], (2, 11))
+    with torch.no_grad():
+        expected = model(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(our_logits(config, params, ids), expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(DECODERS))
+def test_decoder_export_import_round_trip_is_exact(tmp_path, family):
+    model = randomized(DECODERS[family]())
+    model.save_pretrained(tmp_path / "hf")
+    _, params = hf.load_decoder(tmp_path / "hf")
+    hf.export_decoder(params, family, tmp_path / "out")
+    (tmp_path / "out" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    _, again = hf.load_decoder(tmp_path / "out")
+    flat, flat_again = stages.flatten(params), stages.flatten(again)
+    assert flat.keys() == flat_again.keys()
+    for key in flat:
+        assert flat[key].tobytes() == flat_again[key].tobytes(), key
+    # The exported tensors are exactly the transformers state dict (tied lm_head aside).
+    exported = safetensors_io.read_checkpoint(tmp_path / "out")
+    state = {k: v for k, v in model.state_dict().items() if k in exported or "lm_head" not in k}
+    assert exported.keys() == state.keys()
+    for name, tensor in state.items():
+        np.testing.assert_array_equal(exported[name], tensor.numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize("family", sorted(TOWERS))
+@pytest.mark.parametrize("select_layer", [-2, -1, 1])
+def test_vision_features_match_transformers_hidden_states(tmp_path, family, select_layer):
+    model = randomized(TOWERS[family]())
+    model.save_pretrained(tmp_path / "hf")
+    config, params = hf.load_vision(
+        tmp_path / "hf", select_layer=select_layer, select_feature="all"
+    )
+    images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        out = model(
+            pixel_values=torch.as_tensor(images).permute(0, 3, 1, 2), output_hidden_states=True
+        )
+    expected = out.hidden_states[select_layer].numpy()
+    ours = np.asarray(VisionTower(config).apply({"params": params}, jnp.asarray(images)))
+    np.testing.assert_allclose(ours, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_unknown_tensor_and_shape_mismatch_name_the_tensor(tmp_path):
+    model = randomized(DECODERS["llama"]())
+    model.save_pretrained(tmp_path / "hf")
+    tensors = dict(safetensors_io.read_checkpoint(tmp_path / "hf"))
+    tensors["model.layers.0.self_attn.extra.weight"] = np.zeros((2, 2), np.float32)
+    safetensors_io.write_checkpoint(tensors, tmp_path / "hf")
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.self_attn.extra"):
+        hf.load_decoder(tmp_path / "hf")
+    del tensors["model.layers.0.self_attn.extra.weight"]
+    tensors["model.norm.weight"] = np.zeros((31,), np.float32)
+    safetensors_io.write_checkpoint(tensors, tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(31,\)"):
+        hf.load_decoder(tmp_path / "hf")
+    del tensors["model.norm.weight"]
+    safetensors_io.write_checkpoint(tensors, tmp_path / "hf")
+    with pytest.raises(ValueError, match="missing tensors for params.*final_norm/scale"):
+        hf.load_decoder(tmp_path / "hf")
+
+
+def test_sharded_checkpoint_with_index_reads_like_one_file(tmp_path):
+    model = randomized(DECODERS["phi"]())
+    model.save_pretrained(tmp_path / "one")
+    tensors = safetensors_io.read_checkpoint(tmp_path / "one")
+    safetensors_io.write_checkpoint(tensors, tmp_path / "sharded", max_shard_bytes=20_000)
+    assert (tmp_path / "sharded" / safetensors_io.INDEX_FILE).exists()
+    again = safetensors_io.read_checkpoint(tmp_path / "sharded")
+    assert again.keys() == tensors.keys()
+    for name in tensors:
+        np.testing.assert_array_equal(again[name], tensors[name])
+
+
+@pytest.mark.parametrize("tower,llm", [("clip", "phi"), ("siglip", "qwen2")])
+def test_lvlm_splice_matches_pytorch_composition(tmp_path, tower, llm):
+    """Our MoELLaVA forward == HF vision tower -> torch projector -> features written over the
+    placeholder embeddings -> HF LLM with `inputs_embeds`."""
+    import jax
+    from flax import linen as nn
+
+    from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
+    from moe_llava_jax.models.lvlm import LVLMConfig, MoELLaVA
+    from moe_llava_jax.models.projector import Projector
+
+    vision_model, text_model = randomized(TOWERS[tower]()), randomized(DECODERS[llm]())
+    vision_model.save_pretrained(tmp_path / "vision")
+    text_model.save_pretrained(tmp_path / "llm")
+    vision_cfg, vision_params = hf.load_vision(tmp_path / "vision")
+    decoder_cfg, decoder_params = hf.load_decoder(tmp_path / "llm")
+    features = jnp.zeros((1, vision_cfg.num_image_tokens, VISION["hidden_size"]))
+    projector = Projector("mlp2x_gelu", decoder_cfg.hidden_size)
+    projector_params = nn.unbox(projector.init(jax.random.key(0), features)["params"])
+    params = {"vision": vision_params, "projector": projector_params, "decoder": decoder_params}
+
+    n = vision_cfg.num_image_tokens
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, TEXT["vocab_size"], (2, n + 9))
+    ids[0, 3 : 3 + n] = IMAGE_TOKEN_INDEX  # image after a 3-token prefix
+    ids[1, :n] = IMAGE_TOKEN_INDEX  # image first
+    images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+    model = MoELLaVA(LVLMConfig(vision=vision_cfg, decoder=decoder_cfg))
+    ours, _ = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(images))
+
+    with torch.no_grad():
+        hidden = vision_model(
+            pixel_values=torch.as_tensor(images).permute(0, 3, 1, 2), output_hidden_states=True
+        ).hidden_states[-2][:, 1:]  # LLaVA: penultimate layer, first token dropped
+        fc = [torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)]
+        for i, layer in enumerate(fc):
+            layer.weight = torch.nn.Parameter(
+                torch.as_tensor(np.asarray(projector_params[f"fc_{i}"]["kernel"]).T)
+            )
+            layer.bias = torch.nn.Parameter(
+                torch.as_tensor(np.asarray(projector_params[f"fc_{i}"]["bias"]))
+            )
+        projected = fc[1](torch.nn.functional.gelu(fc[0](hidden)))
+        is_image = torch.as_tensor(ids == IMAGE_TOKEN_INDEX)
+        embeds = text_model.get_input_embeddings()(torch.as_tensor(np.maximum(ids, 0)))
+        embeds[is_image] = projected.reshape(-1, projected.shape[-1])
+        expected = text_model(inputs_embeds=embeds).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=TOLERANCE, rtol=0)
