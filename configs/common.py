@@ -27,6 +27,10 @@ def tiny_model() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         {
             "normalisation": "clip",
+            # Hugging Face directories to start from (config.json + safetensors); when set,
+            # their config.json replaces `decoder` / `vision` dimensions. See the README.
+            "llm_from": "",
+            "vision_from": "",
             "projector": "mlp2x_gelu",
             "vision": {
                 "image_size": 64,
@@ -137,6 +141,7 @@ def moe_tuning_config(
         "root": "",
         "image_root": "",
         "tokenizer": "",
+        "eos_token": "<|endoftext|>",  # the chat template's end-of-answer token
         "synthetic": {
             "seed": 0,
             "num_train": 4000,

@@ -7,6 +7,7 @@ config -> model -> shardings -> state (fresh, resumed, `init_from`, or upcycled)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -24,6 +25,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from moe_llava_jax import checkpoint, optim, sharding, stages
+from moe_llava_jax.convert import families, hf
 from moe_llava_jax.data import images as image_ops
 from moe_llava_jax.data.conversation import get_template
 from moe_llava_jax.data.pipeline import Preprocessing, iterate_from, training_batches
@@ -83,13 +85,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int, with_moe: bool) -> LVLMConfig:
-    decoder = dict(config.model.decoder.to_dict(), vocab_size=vocab_size)
+    """The stage's model. `model.llm_from` / `model.vision_from` (Hugging Face directories)
+    take the decoder / tower dimensions from their config.json instead of `model.*`."""
     moe = MoEConfig(**config.model.moe.to_dict()) if with_moe else None
-    return LVLMConfig(
-        vision=VisionConfig(**config.model.vision.to_dict()),
-        decoder=DecoderConfig(**decoder, moe=moe),
-        projector=config.model.projector,
-    )
+    if config.model.llm_from:
+        decoder = families.decoder_config(hf.read_hf_config(config.model.llm_from))
+        decoder = dataclasses.replace(decoder, moe=moe)
+    else:
+        decoder = DecoderConfig(
+            **dict(config.model.decoder.to_dict(), vocab_size=vocab_size), moe=moe
+        )
+    if decoder.vocab_size < vocab_size:
+        raise ValueError(
+            f"the tokenizer has {vocab_size} tokens, the decoder's vocab_size is only "
+            f"{decoder.vocab_size} (config keys data.tokenizer, model.llm_from)"
+        )
+    vision_cfg = config.model.vision
+    if config.model.vision_from:
+        vision = families.vision_config(
+            hf.read_hf_config(config.model.vision_from),
+            select_layer=vision_cfg.select_layer,
+            select_feature=vision_cfg.select_feature,
+        )
+    else:
+        vision = VisionConfig(**vision_cfg.to_dict())
+    return LVLMConfig(vision=vision, decoder=decoder, projector=config.model.projector)
 
 
 def checkpoint_dir(config: ml_collections.ConfigDict, stage: str) -> Path:
@@ -187,12 +207,32 @@ class Stage:
         params_rng, gating_rng = jax.random.split(rng)
         return self.model.init({"params": params_rng, "gating": gating_rng}, *self.dummy)
 
-    def fresh_params(self) -> dict:
+    def random_params(self) -> dict:
         init = jax.jit(
             lambda rng: nn.unbox(self.init_variables(rng)["params"]),
             out_shardings=self.param_shardings,
         )
         return init(jax.random.key(self.config.seed))
+
+    def fresh_params(self) -> dict:
+        """Random init, with the towers named by `model.vision_from` / `model.llm_from`
+        loaded over it (a pretrained LLM is upcycled when this stage's model is MoE)."""
+        params = self.random_params()
+        pretrained = {}
+        if self.config.model.vision_from:
+            pretrained["vision"] = hf.load_vision(
+                self.config.model.vision_from,
+                select_layer=self.model_cfg.vision.select_layer,
+                select_feature=self.model_cfg.vision.select_feature,
+            )[1]
+        if self.config.model.llm_from:
+            pretrained["decoder"] = hf.load_decoder(self.config.model.llm_from)[1]
+        if not pretrained:
+            return params
+        merged = {**params, **pretrained}
+        if self.model_cfg.decoder.moe is not None and "decoder" in pretrained:
+            merged = stages.upcycle(merged, params)
+        return jax.device_put(merged, self.param_shardings)
 
     def initial_params(self) -> dict:
         """Fresh init, or the `init_from` stage's params (upcycled to MoE for stage 3)."""
@@ -213,7 +253,7 @@ class Stage:
         tqdm.write(f"{self.name}: initialised from {directory} (step {step})")
         if self.model_cfg.decoder.moe is not None and source_stage.model_cfg.decoder.moe is None:
             upcycle = jax.jit(stages.upcycle, out_shardings=self.param_shardings)
-            return upcycle(params, self.fresh_params())
+            return upcycle(params, self.random_params())
         return params
 
     def initial_state(self, manager) -> dict:
@@ -324,7 +364,9 @@ def prepare_data(config: ml_collections.ConfigDict) -> tuple[SyntheticDataset, T
     loads the tokenizer (`data.tokenizer`, default: the one trained on the embedded data)."""
     root = Path(config.data.root or Path(config.workdir) / "data")
     data = write_synthetic_dataset(root, **config.data.synthetic.to_dict())
-    return data, Tokenizer.from_file(config.data.tokenizer or data.tokenizer_json)
+    return data, Tokenizer.from_file(
+        config.data.tokenizer or data.tokenizer_json, eos_token=config.data.eos_token
+    )
 
 
 def stage_source(

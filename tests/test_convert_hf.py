@@ -1,6 +1,8 @@
 """Hugging Face import/export: logits parity with transformers (PyTorch, float32) and exact
 round trips. Tiny random models are built and saved by the test; nothing is downloaded."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -189,3 +191,50 @@ def test_lvlm_splice_matches_pytorch_composition(tmp_path, tower, llm):
         embeds[is_image] = projected.reshape(-1, projected.shape[-1])
         expected = text_model(inputs_embeds=embeds).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), expected, atol=TOLERANCE, rtol=0)
+
+
+def test_stages_start_from_pretrained_llm_and_tower(tmp_path, micro_config):
+    from moe_llava_jax import sharding, train
+
+    llm = randomized(
+        transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**dict(TEXT, vocab_size=512), num_key_value_heads=2)
+        )
+    )
+    llm.save_pretrained(tmp_path / "llm")
+    randomized(TOWERS["clip"]()).save_pretrained(tmp_path / "vision")
+    micro_config.model.llm_from = str(tmp_path / "llm")
+    micro_config.model.vision_from = str(tmp_path / "vision")
+    data, tokenizer = train.prepare_data(micro_config)
+    mesh = sharding.make_mesh(micro_config.mesh.to_dict())
+    _, decoder = hf.load_decoder(tmp_path / "llm")
+    _, vision = hf.load_vision(tmp_path / "vision")
+
+    dense = stages.flatten(
+        train.Stage(micro_config, "stage1", mesh, tokenizer.vocab_size).fresh_params()
+    )
+    for prefix, tree in (("decoder", decoder), ("vision", vision)):
+        for path, value in stages.flatten(tree).items():
+            np.testing.assert_array_equal(dense[f"{prefix}/{path}"], value)
+
+    moe = stages.flatten(
+        train.Stage(micro_config, "stage3", mesh, tokenizer.vocab_size).fresh_params()
+    )
+    experts = moe["decoder/layers_0/moe/experts/wi_up/kernel"]
+    for expert in experts:  # the pretrained FFN, upcycled
+        np.testing.assert_array_equal(expert, decoder["layers_0"]["mlp"]["wi_up"]["kernel"])
+
+    stage = train.Stage(micro_config, "stage1", mesh, tokenizer.vocab_size)
+    train.train_stage(stage, train.stage_source(micro_config, "stage1", data), tokenizer)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "workdir/stage1/metrics.jsonl")]
+    assert len(losses) == 4 and np.all(np.isfinite(losses))
+
+
+def test_tokenizer_larger_than_pretrained_vocab_fails(tmp_path, micro_config):
+    from moe_llava_jax import sharding, train
+
+    randomized(DECODERS["llama"]()).save_pretrained(tmp_path / "llm")  # vocab 96
+    micro_config.model.llm_from = str(tmp_path / "llm")
+    mesh = sharding.make_mesh(micro_config.mesh.to_dict())
+    with pytest.raises(ValueError, match="vocab_size is only 96"):
+        train.Stage(micro_config, "stage1", mesh, 400)
