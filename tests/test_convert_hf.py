@@ -180,10 +180,10 @@ def test_lvlm_splice_matches_pytorch_composition(tmp_path, tower, llm):
         fc = [torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)]
         for i, layer in enumerate(fc):
             layer.weight = torch.nn.Parameter(
-                torch.as_tensor(np.asarray(projector_params[f"fc_{i}"]["kernel"]).T)
+                torch.as_tensor(np.array(projector_params[f"fc_{i}"]["kernel"]).T)
             )
             layer.bias = torch.nn.Parameter(
-                torch.as_tensor(np.asarray(projector_params[f"fc_{i}"]["bias"]))
+                torch.as_tensor(np.array(projector_params[f"fc_{i}"]["bias"]))
             )
         projected = fc[1](torch.nn.functional.gelu(fc[0](hidden)))
         is_image = torch.as_tensor(ids == IMAGE_TOKEN_INDEX)
@@ -238,3 +238,79 @@ def test_tokenizer_larger_than_pretrained_vocab_fails(tmp_path, micro_config):
     mesh = sharding.make_mesh(micro_config.mesh.to_dict())
     with pytest.raises(ValueError, match="vocab_size is only 96"):
         train.Stage(micro_config, "stage1", mesh, 400)
+
+
+@pytest.mark.parametrize("family", ["phi", "stablelm"])
+def test_moe_llava_checkpoint_import_and_export(tmp_path, family):
+    """A stage-3 MoE-LLaVA checkpoint built by hand from a transformers model: every MoE layer's
+    experts are DeepSpeed-named copies of its FFN, so (no drops at eval capacity, gates summing
+    to 1) our MoE logits must equal the dense transformers logits."""
+    model = randomized(DECODERS[family]())
+    if family == "phi":
+        with torch.no_grad():
+            model.lm_head.bias.zero_()  # the released Phi variant has no lm_head bias
+    model.save_pretrained(tmp_path / "dense")
+    hf_config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    tensors = {
+        k: np.array(v) for k, v in safetensors_io.read_checkpoint(tmp_path / "dense").items()
+    }
+    tensors.pop("lm_head.bias", None)
+    rng = np.random.default_rng(0)
+    num_experts, moe_layers, d, vision_hidden = 4, [0, 2], TEXT["hidden_size"], 24
+    for i in moe_layers:
+        prefix = f"model.layers.{i}.mlp"
+        for name in [k for k in tensors if k.startswith(prefix + ".")]:
+            value = tensors.pop(name)
+            for k in range(num_experts):
+                leaf = name[len(prefix) + 1 :]
+                tensors[f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{k}.{leaf}"] = value
+        tensors[f"{prefix}.deepspeed_moe.gate.wg.weight"] = rng.normal(
+            size=(num_experts, d)
+        ).astype(np.float32)
+    for j, (n_out, n_in) in ((0, (d, vision_hidden)), (2, (d, d))):
+        tensors[f"model.mm_projector.image_spatial_proj.{j}.weight"] = rng.normal(
+            size=(n_out, n_in)
+        ).astype(np.float32)
+        tensors[f"model.mm_projector.image_spatial_proj.{j}.bias"] = rng.normal(
+            size=(n_out,)
+        ).astype(np.float32)
+    hf_config.update(
+        model_type=f"moe_llava_{family}",
+        mm_hidden_size=vision_hidden,
+        mm_projector_type="mlp2x_gelu",
+        moe={
+            "moe_layers_idx": moe_layers,
+            "num_experts": [num_experts] * 2,
+            "top_k_experts": 2,
+            "capacity_factor": 1.5,
+            "eval_capacity_factor": 2.0,
+            "min_capacity": 0,
+            "use_residual": False,
+        },
+    )
+    (tmp_path / "moe").mkdir()
+    (tmp_path / "moe" / "config.json").write_text(json.dumps(hf_config))
+    safetensors_io.write_checkpoint(tensors, tmp_path / "moe")
+
+    config, projector, params = hf.load_moe_llava(tmp_path / "moe")
+    assert config.moe_layers == (0, 2) and config.moe.num_experts == 4 and projector == "mlp2x_gelu"
+    np.testing.assert_array_equal(
+        params["decoder"]["layers_2"]["moe"]["router"]["kernel"],
+        tensors["model.layers.2.mlp.deepspeed_moe.gate.wg.weight"].T,
+    )
+    np.testing.assert_array_equal(
+        params["projector"]["fc_1"]["kernel"],
+        tensors["model.mm_projector.image_spatial_proj.2.weight"].T,
+    )
+    ids = rng.integers(0, TEXT["vocab_size"], (2, 9))
+    with torch.no_grad():
+        expected = model(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(
+        our_logits(config, params["decoder"], ids), expected, atol=TOLERANCE, rtol=0
+    )
+
+    hf.export_moe_llava(params, f"moe_llava_{family}", projector, tmp_path / "again")
+    exported = safetensors_io.read_checkpoint(tmp_path / "again")
+    assert exported.keys() == tensors.keys()
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)

@@ -7,10 +7,13 @@ Decoders: LLaMA/Vicuna (`llama`), Qwen1.5/Qwen2 (`qwen2`), StableLM-2 (`stablelm
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 from moe_llava_jax.convert.name_rules import Rule
 from moe_llava_jax.models.decoder import DecoderConfig
+from moe_llava_jax.models.moe import MoEConfig
+from moe_llava_jax.models.projector import projector_depth
 from moe_llava_jax.models.vision import VisionConfig
 
 DECODER_TYPES = ("llama", "qwen2", "stablelm", "phi")
@@ -112,6 +115,13 @@ def _linear(ours: str, hf: str) -> list[Rule]:
 
 def _norm(ours: str, hf: str) -> list[Rule]:
     return [(f"{ours}/scale", f"{hf}.weight", "copy"), (f"{ours}/bias", f"{hf}.bias", "copy")]
+
+
+def _mlp_names(model_type: str) -> tuple[tuple[str, str], ...]:
+    """(our FFN param, HF module) pairs: Phi's fc1/fc2, or the gated gate/up/down triple."""
+    if model_type == "phi":
+        return (("wi", "fc1"), ("wo", "fc2"))
+    return (("wi_gate", "gate_proj"), ("wi_up", "up_proj"), ("wo", "down_proj"))
 
 
 def decoder_rules(model_type: str) -> list[Rule]:
@@ -218,3 +228,53 @@ def vision_ignored(config: VisionConfig) -> Callable[[str], bool]:
         return name.startswith("encoder.layers.") and int(parts[2]) >= config.num_blocks_to_run
 
     return ignored
+
+
+# Released MoE-LLaVA checkpoints (PyTorch + DeepSpeed MoE). The Qwen (v1) variant uses a
+# fused-qkv layout this converter does not read.
+MOE_LLAVA_TYPES = {"moe_llava_phi": "phi", "moe_llava_stablelm": "stablelm"}
+MOE_PREFIX = "model.layers.{i}.mlp.deepspeed_moe"
+
+
+def moe_llava_config(hf: Mapping) -> tuple[DecoderConfig, str]:
+    """(decoder config with its MoE settings, projector kind) of a MoE-LLaVA config.json."""
+    model_type = hf.get("model_type")
+    if model_type not in MOE_LLAVA_TYPES:
+        raise ValueError(
+            f"config.json model_type={model_type!r}: expected one of {sorted(MOE_LLAVA_TYPES)}"
+        )
+    base = MOE_LLAVA_TYPES[model_type]
+    moe = hf.get("moe")
+    if not moe:
+        raise ValueError("config.json has no 'moe' section: not a MoE-LLaVA stage-3 checkpoint")
+    _reject(moe, "use_residual")
+    num_experts = set(moe["num_experts"])
+    if len(num_experts) != 1:
+        raise ValueError(f"config.json moe.num_experts={moe['num_experts']}: layers differ")
+    moe_cfg = MoEConfig(
+        num_experts=num_experts.pop(),
+        top_k=moe["top_k_experts"],
+        capacity_factor=moe["capacity_factor"],
+        eval_capacity_factor=moe["eval_capacity_factor"],
+        min_capacity=moe["min_capacity"],
+        layers=",".join(str(i) for i in moe["moe_layers_idx"]),
+    )
+    decoder = decoder_config({**hf, "model_type": base})
+    # The released Phi variant's lm_head has no bias (unlike transformers' PhiForCausalLM).
+    decoder = dataclasses.replace(decoder, moe=moe_cfg, lm_head_bias=False)
+    return decoder, hf.get("mm_projector_type", "mlp2x_gelu")
+
+
+def moe_llava_rules(model_type: str, projector: str) -> list[Rule]:
+    """Rules for our whole param tree minus the vision tower (which the checkpoint omits)."""
+    base = MOE_LLAVA_TYPES[model_type]
+    rules = [(f"decoder/{ours}", hf, t) for ours, hf, t in decoder_rules(base)]
+    rules.append(("decoder/layers_{i}/moe/router/kernel", f"{MOE_PREFIX}.gate.wg.weight", "linear"))
+    for ours, hf in _mlp_names(base):
+        rules += _linear(
+            f"decoder/layers_{{i}}/moe/experts/{ours}",
+            f"{MOE_PREFIX}.experts.deepspeed_experts.{{k}}.{hf}",
+        )
+    for j in range(projector_depth(projector)):  # nn.Sequential: Linear, GELU, Linear, ...
+        rules += _linear(f"projector/fc_{j}", f"model.mm_projector.image_spatial_proj.{2 * j}")
+    return rules

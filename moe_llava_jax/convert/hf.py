@@ -3,6 +3,7 @@
     decoder_cfg, decoder_params = load_decoder("/models/phi-2")
     vision_cfg, vision_params = load_vision("/models/clip-vit-large-patch14-336")
     export_decoder(decoder_params, "phi", "/tmp/phi-2-roundtrip")
+    moe_cfg, projector, params = load_moe_llava("/models/MoE-LLaVA-Phi2-2.7B-4e")
 
 Params come back as float32 numpy trees (master weights), whatever the checkpoint dtype.
 """
@@ -21,6 +22,7 @@ from flax import linen as nn
 from moe_llava_jax import stages
 from moe_llava_jax.convert import families, name_rules, safetensors_io
 from moe_llava_jax.models.decoder import Decoder, DecoderConfig
+from moe_llava_jax.models.projector import Projector
 from moe_llava_jax.models.vision import VisionConfig, VisionTower
 
 VISION_PREFIX = "vision_model."  # full CLIPModel / SiglipModel checkpoints nest the tower here
@@ -85,6 +87,39 @@ def load_vision(
         tensors, families.vision_rules(), vision_shapes(config), families.vision_ignored(config)
     )
     return config, _as_tree(flat)
+
+
+def moe_llava_shapes(
+    decoder: DecoderConfig, projector: str, vision_hidden: int
+) -> dict[str, tuple[int, ...]]:
+    features = jnp.zeros((1, 1, vision_hidden), jnp.float32)
+    init = lambda: Projector(projector, decoder.hidden_size).init(jax.random.key(0), features)
+    shapes = {f"decoder/{k}": v for k, v in decoder_shapes(decoder).items()}
+    shapes.update({f"projector/{k}": v for k, v in _shapes(jax.eval_shape(init)["params"]).items()})
+    return shapes
+
+
+def load_moe_llava(directory: str | Path) -> tuple[DecoderConfig, str, dict]:
+    """A released MoE-LLaVA (stage-3) checkpoint: (decoder config with MoE, projector kind,
+    {"decoder": ..., "projector": ...}). The vision tower is not in these checkpoints: load it
+    from its own CLIP/SigLIP directory with `load_vision`."""
+    hf = read_hf_config(directory)
+    decoder, projector = families.moe_llava_config(hf)
+    flat = name_rules.import_tensors(
+        safetensors_io.read_checkpoint(directory),
+        families.moe_llava_rules(hf["model_type"], projector),
+        moe_llava_shapes(decoder, projector, hf["mm_hidden_size"]),
+        families.decoder_ignored(decoder),
+    )
+    return decoder, projector, _as_tree(flat)
+
+
+def export_moe_llava(
+    params: Mapping, model_type: str, projector: str, directory: str | Path, dtype=np.float32
+) -> None:
+    """{"decoder", "projector"} params -> the MoE-LLaVA tensor layout (DeepSpeed expert names)."""
+    rules = families.moe_llava_rules(model_type, projector)
+    _export(name_rules.export_tensors(stages.flatten(params), rules), directory, dtype)
 
 
 def _export(flat_tensors: Mapping[str, np.ndarray], directory: str | Path, dtype) -> None:

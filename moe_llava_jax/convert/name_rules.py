@@ -1,7 +1,9 @@
 """Declarative name rules between Hugging Face tensors and our flat param paths.
 
 A rule is `(our_path, hf_name, transform)` where both names may contain `{i}` (a layer index).
-Importing maps every HF tensor through the rules; exporting runs them backwards. Every
+An HF name may also contain `{k}`: per-expert tensors (DeepSpeed's `deepspeed_experts.{k}`)
+that stack along a new leading axis into one of our `[E, ...]` params. Importing maps every
+HF tensor through the rules; exporting runs them backwards. Every
 mismatch is an error naming the tensor: a tensor no rule knows, a param no tensor fills, a
 shape that disagrees.
 """
@@ -37,11 +39,22 @@ TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
 
 
 def _regex(template: str) -> re.Pattern:
-    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)"))
+    pattern = re.escape(template)
+    for field in ("i", "k"):
+        pattern = pattern.replace(re.escape(f"{{{field}}}"), rf"(?P<{field}>\d+)")
+    return re.compile(pattern)
 
 
 def _fill(template: str, match: re.Match) -> str:
     return template.replace("{i}", match.group("i")) if "{i}" in template else template
+
+
+def _check_shape(name: str, source_shape: tuple, path: str, array: np.ndarray, expected) -> None:
+    if tuple(array.shape) != tuple(expected[path]):
+        raise ValueError(
+            f"tensor {name!r} has shape {tuple(source_shape)}; {path!r} needs "
+            f"{tuple(expected[path])} (ours, after the layout transform: {tuple(array.shape)})"
+        )
 
 
 def import_tensors(
@@ -57,6 +70,7 @@ def import_tensors(
     """
     compiled = [(_regex(hf), ours, transform) for ours, hf, transform in rules]
     out = {}
+    experts: dict[str, dict[int, np.ndarray]] = {}  # our path -> {k: one expert's tensor}
     for name, value in tensors.items():
         if ignored(name):
             continue
@@ -70,12 +84,19 @@ def import_tensors(
         if path not in expected:
             raise ValueError(f"tensor {name!r} maps to {path!r}, which the configured model lacks")
         array = TRANSFORMS[transform][0](np.asarray(value))
-        if tuple(array.shape) != tuple(expected[path]):
-            raise ValueError(
-                f"tensor {name!r} has shape {tuple(value.shape)}; {path!r} needs "
-                f"{tuple(expected[path])}"
-            )
+        if "k" in match.groupdict():
+            experts.setdefault(path, {})[int(match.group("k"))] = array
+            continue
+        _check_shape(name, np.shape(value), path, array, expected)
         out[path] = array
+    for path, parts in experts.items():
+        if sorted(parts) != list(range(len(parts))):
+            raise ValueError(
+                f"{path!r}: expert tensors {sorted(parts)} are not 0..{len(parts) - 1}"
+            )
+        stacked = np.stack([parts[k] for k in sorted(parts)])
+        _check_shape(f"{path} experts", stacked.shape, path, stacked, expected)
+        out[path] = stacked
     missing = sorted(set(expected) - set(out))
     if missing:
         raise ValueError(f"missing tensors for params {missing[:5]} ({len(missing)} in all)")
@@ -92,8 +113,14 @@ def export_tensors(
         for pattern, hf, transform in compiled:
             match = pattern.fullmatch(path)
             if match:
-                out[_fill(hf, match)] = TRANSFORMS[transform][1](np.asarray(value))
                 break
         else:
             raise ValueError(f"param {path!r}: no conversion rule exports it")
+        to_hf = TRANSFORMS[transform][1]
+        name = _fill(hf, match)
+        if "{k}" in name:  # [E, ...] -> one tensor per expert
+            for k, expert in enumerate(np.asarray(value)):
+                out[name.replace("{k}", str(k))] = to_hf(expert)
+        else:
+            out[name] = to_hf(np.asarray(value))
     return out
