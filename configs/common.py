@@ -26,7 +26,7 @@ def tiny_model() -> ml_collections.ConfigDict:
     """A CLIP-style tower + a 4-layer decoder: trains the embedded data on a laptop CPU."""
     return ml_collections.ConfigDict(
         {
-            "normalisation": "clip",
+            "image_processor": "clip",  # clip | siglip: resize/crop and normalisation
             # Hugging Face directories to start from (config.json + safetensors); when set,
             # their config.json replaces `decoder` / `vision` dimensions. See the README.
             "llm_from": "",

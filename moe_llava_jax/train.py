@@ -45,10 +45,6 @@ STAGE_COMMANDS = {
     name: f"python -m moe_llava_jax.train --config=configs/{name}.py"
     for name in ("stage1", "stage2", "stage3")
 }
-NORMALISATION = {
-    "clip": (image_ops.CLIP_MEAN, image_ops.CLIP_STD),
-    "siglip": (image_ops.SIGLIP_MEAN, image_ops.SIGLIP_STD),
-}
 
 
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -77,11 +73,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"config key {name}.batch_size={config[name].batch_size} is not a "
                 f"multiple of model.moe.num_groups={moe.num_groups}"
             )
-    if config.model.normalisation not in NORMALISATION:
-        raise ValueError(
-            f"config key model.normalisation={config.model.normalisation!r}: "
-            f"expected one of {sorted(NORMALISATION)}"
-        )
+    image_ops.get_image_processor(config.model.image_processor)
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int, with_moe: bool) -> LVLMConfig:
@@ -92,13 +84,14 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, with_moe: b
         decoder = families.decoder_config(hf.read_hf_config(config.model.llm_from))
         decoder = dataclasses.replace(decoder, moe=moe)
     else:
-        decoder = DecoderConfig(
-            **dict(config.model.decoder.to_dict(), vocab_size=vocab_size), moe=moe
-        )
+        fields = config.model.decoder.to_dict()
+        fields["vocab_size"] = fields["vocab_size"] or vocab_size  # 0: the tokenizer's
+        decoder = DecoderConfig(**fields, moe=moe)
     if decoder.vocab_size < vocab_size:
         raise ValueError(
             f"the tokenizer has {vocab_size} tokens, the decoder's vocab_size is only "
-            f"{decoder.vocab_size} (config keys data.tokenizer, model.llm_from)"
+            f"{decoder.vocab_size} (config keys data.tokenizer, model.llm_from, "
+            "model.decoder.vocab_size)"
         )
     vision_cfg = config.model.vision
     if config.model.vision_from:
@@ -182,11 +175,9 @@ class Stage:
         )
 
     def preprocessing(self) -> Preprocessing:
-        mean, std = NORMALISATION[self.config.model.normalisation]
         return Preprocessing(
             image_size=self.model_cfg.vision.image_size,
-            mean=mean,
-            std=std,
+            processor=image_ops.get_image_processor(self.config.model.image_processor),
             pad_to_square=self.stage_cfg.pad_to_square,
             num_image_tokens=self.model_cfg.vision.num_image_tokens,
             max_length=self.stage_cfg.max_length,

@@ -41,8 +41,12 @@ VISION = dict(
     patch_size=8,
 )
 TOWERS = {
-    "clip": lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)),
-    "siglip": lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION)),
+    "clip": lambda **kw: transformers.CLIPVisionModel(
+        transformers.CLIPVisionConfig(**{**VISION, **kw})
+    ),
+    "siglip": lambda **kw: transformers.SiglipVisionModel(
+        transformers.SiglipVisionConfig(**{**VISION, **kw})
+    ),
 }
 
 
@@ -95,14 +99,18 @@ def test_decoder_export_import_round_trip_is_exact(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", sorted(TOWERS))
-@pytest.mark.parametrize("select_layer", [-2, -1, 1])
-def test_vision_features_match_transformers_hidden_states(tmp_path, family, select_layer):
-    model = randomized(TOWERS[family]())
+@pytest.mark.parametrize("select_layer,image_size", [(-2, 32), (-1, 32), (1, 36)])
+def test_vision_features_match_transformers_hidden_states(
+    tmp_path, family, select_layer, image_size
+):
+    """36 px with 8 px patches: the convolution drops the last 4 rows and columns."""
+    model = randomized(TOWERS[family](image_size=image_size))
     model.save_pretrained(tmp_path / "hf")
     config, params = hf.load_vision(
         tmp_path / "hf", select_layer=select_layer, select_feature="all"
     )
-    images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    images = np.random.default_rng(1).normal(size=(2, image_size, image_size, 3))
+    images = images.astype(np.float32)
     with torch.no_grad():
         out = model(
             pixel_values=torch.as_tensor(images).permute(0, 3, 1, 2), output_hidden_states=True

@@ -7,11 +7,10 @@ from PIL import Image
 from moe_llava_jax.data.images import (
     CLIP_MEAN,
     CLIP_STD,
-    SIGLIP_MEAN,
-    SIGLIP_STD,
     expand_to_square,
     load_image,
     normalize,
+    IMAGE_PROCESSORS,
     preprocess_image,
     resize_shortest_and_center_crop,
 )
@@ -42,11 +41,11 @@ def test_resize_and_crop_keeps_the_centre():
 
 def test_preprocess_constant_image():
     image = np.full((30, 50, 3), 255, dtype=np.uint8)
-    out = preprocess_image(image, 16, SIGLIP_MEAN, SIGLIP_STD, pad_to_square=False)
+    out = preprocess_image(image, 16, IMAGE_PROCESSORS["siglip"], pad_to_square=False)
     assert out.shape == (16, 16, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out, 1.0, atol=1e-6)
 
-    padded = preprocess_image(image, 16, CLIP_MEAN, CLIP_STD, pad_to_square=True)
+    padded = preprocess_image(image, 16, IMAGE_PROCESSORS["clip"], pad_to_square=True)
     expected_white = (1.0 - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
     np.testing.assert_allclose(padded[8, 8], expected_white, rtol=1e-5)
     np.testing.assert_allclose(padded[0, 8], 0.0, atol=0.02)  # mean-coloured padding ~ 0

@@ -9,6 +9,7 @@ from moe_llava_jax.data.conversation import (
     get_template,
     tokenize_conversation,
 )
+from moe_llava_jax.data.images import IMAGE_PROCESSORS
 from moe_llava_jax.data.pipeline import Preprocessing, make_example
 from moe_llava_jax.data.tokenizer import train_bpe_tokenizer
 
@@ -34,8 +35,7 @@ def tokenizer():
 def prep(max_length):
     return Preprocessing(
         image_size=16,
-        mean=(0.5,) * 3,
-        std=(0.5,) * 3,
+        processor=IMAGE_PROCESSORS["siglip"],
         pad_to_square=True,
         num_image_tokens=4,
         max_length=max_length,

@@ -7,6 +7,8 @@ mode that first centres the image on a square canvas so nothing is cropped away.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Sequence
 
@@ -73,12 +75,38 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageProcessor:
+    """What a vision tower was trained with. CLIP: bicubic resize of the short side, then a
+    centre crop; SigLIP: bicubic resize of the whole image to a square (aspect not kept)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    center_crop: bool
+
+
+IMAGE_PROCESSORS = {
+    "clip": ImageProcessor(CLIP_MEAN, CLIP_STD, center_crop=True),
+    "siglip": ImageProcessor(SIGLIP_MEAN, SIGLIP_STD, center_crop=False),
+}
+
+
+def get_image_processor(name: str) -> ImageProcessor:
+    if name not in IMAGE_PROCESSORS:
+        raise ValueError(
+            f"config key model.image_processor={name!r}: expected one of {sorted(IMAGE_PROCESSORS)}"
+        )
+    return IMAGE_PROCESSORS[name]
+
+
+def resize_to_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Bicubic resize of the whole image to `[size, size, 3]`."""
+    _check_rgb(image)
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
 def preprocess_image(
-    image: np.ndarray,
-    size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    pad_to_square: bool,
+    image: np.ndarray, size: int, processor: ImageProcessor, pad_to_square: bool
 ) -> np.ndarray:
     """uint8 `[H, W, 3]` -> float32 `[size, size, 3]` ready for the vision tower.
 
@@ -86,6 +114,7 @@ def preprocess_image(
     zero after normalisation and carries no signal (LLaVA's stage 2-3 "pad" mode).
     """
     if pad_to_square:
-        background = tuple(int(m * 255) for m in mean)
+        background = tuple(int(m * 255) for m in processor.mean)
         image = expand_to_square(image, background)
-    return normalize(resize_shortest_and_center_crop(image, size), mean, std)
+    resize = resize_shortest_and_center_crop if processor.center_crop else resize_to_square
+    return normalize(resize(image, size), processor.mean, processor.std)

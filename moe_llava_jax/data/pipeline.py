@@ -29,8 +29,7 @@ class Preprocessing:
     """Everything that turns a record into model inputs of static shape."""
 
     image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    processor: image_ops.ImageProcessor
     pad_to_square: bool
     num_image_tokens: int
     max_length: int
@@ -42,7 +41,7 @@ def load_model_image(path: str | None, prep: Preprocessing) -> np.ndarray:
     if path is None:
         return np.zeros((prep.image_size, prep.image_size, 3), np.float32)
     return image_ops.preprocess_image(
-        image_ops.load_image(path), prep.image_size, prep.mean, prep.std, prep.pad_to_square
+        image_ops.load_image(path), prep.image_size, prep.processor, prep.pad_to_square
     )
 
 

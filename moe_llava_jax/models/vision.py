@@ -92,8 +92,13 @@ class VisionTower(nn.Module):
             raise ValueError(
                 f"images are {images.shape[1:3]}, model.vision.image_size is {cfg.image_size}"
             )
+        # A stride-p convolution ignores the last (size mod p) rows and columns (SigLIP 384/14).
+        usable = (cfg.image_size // cfg.patch_size) * cfg.patch_size
         patches = rearrange(
-            images, "b (h p) (w q) c -> b (h w) (p q c)", p=cfg.patch_size, q=cfg.patch_size
+            images[:, :usable, :usable],
+            "b (h p) (w q) c -> b (h w) (p q c)",
+            p=cfg.patch_size,
+            q=cfg.patch_size,
         )
         x = layers.dense(
             cfg.hidden_size, ("patch", "embed"), use_bias=cfg.patch_bias, name="patch_embed"
