@@ -48,6 +48,7 @@ def tiny_model() -> ml_collections.ConfigDict:
                 "select_feature": "patch",
             },
             "decoder": {
+                "vocab_size": 0,  # 0: the tokenizer's
                 "hidden_size": 128,
                 "num_layers": 4,
                 "num_heads": 4,
