@@ -59,7 +59,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config key model.moe.top_k={moe.top_k} must be in "
             f"[1, model.moe.num_experts={moe.num_experts}]"
         )
-    moe_layer_indices(moe.layers, config.model.decoder.num_layers)
+    num_layers = config.model.decoder.num_layers
+    if config.model.llm_from:
+        num_layers = hf.read_hf_config(config.model.llm_from)["num_hidden_layers"]
+    moe_layer_indices(moe.layers, num_layers)
     for name in stage_names(config) + [n for n in config.pope.after.split(",") if n]:
         if name not in config:
             raise ValueError(

@@ -31,7 +31,69 @@ DECODERS = {
         transformers.StableLmConfig(**TEXT, num_key_value_heads=2, use_qkv_bias=True)
     ),
     "phi": lambda: transformers.PhiForCausalLM(transformers.PhiConfig(**TEXT)),
+    # Qwen v1 is remote code, not in transformers: a Qwen2 model with full multi-head attention
+    # computes the same function, and `to_qwen_v1` rewrites its tensors into Qwen v1's layout.
+    "qwen": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(**TEXT, num_key_value_heads=4, tie_word_embeddings=False)
+    ),
 }
+QWEN_V1_NAMES = (
+    ("model.layers.", "transformer.h."),
+    (".self_attn.o_proj.", ".attn.c_proj."),
+    (".input_layernorm.", ".ln_1."),
+    (".post_attention_layernorm.", ".ln_2."),
+    (".gate_proj.", ".w2."),  # Qwen v1: c_proj(w1(x) * silu(w2(x)))
+    (".up_proj.", ".w1."),
+    (".down_proj.", ".c_proj."),
+    ("model.embed_tokens.", "transformer.wte."),
+    ("model.norm.", "transformer.ln_f."),
+    ("model.mm_projector.", "transformer.mm_projector."),
+)
+
+
+def to_qwen_v1(tensors, hf_config):
+    """Qwen2 tensors/config.json -> Qwen v1's: renamed modules, fused c_attn = [q; k; v]."""
+    out = {}
+    for name, value in tensors.items():
+        for old, new in QWEN_V1_NAMES:
+            name = name.replace(old, new)
+        out[name] = value
+    for i in range(hf_config["num_hidden_layers"]):
+        attn = f"transformer.h.{i}.self_attn"
+        for leaf in ("weight", "bias"):
+            parts = [out.pop(f"{attn}.{p}_proj.{leaf}") for p in "qkv"]
+            out[f"transformer.h.{i}.attn.c_attn.{leaf}"] = np.concatenate(parts, axis=0)
+    config = {
+        "model_type": "qwen",
+        "vocab_size": hf_config["vocab_size"],
+        "hidden_size": hf_config["hidden_size"],
+        "num_hidden_layers": hf_config["num_hidden_layers"],
+        "num_attention_heads": hf_config["num_attention_heads"],
+        "kv_channels": hf_config["hidden_size"] // hf_config["num_attention_heads"],
+        "intermediate_size": 2 * hf_config["intermediate_size"],
+        "layer_norm_epsilon": hf_config["rms_norm_eps"],
+        "rotary_emb_base": 10000.0,
+        "rotary_pct": 1.0,
+        "no_bias": True,
+        "tie_word_embeddings": False,
+    }
+    return out, config
+
+
+def saved_tensors_and_config(model, directory, family):
+    """The model's safetensors and config.json, in Qwen v1's layout for family "qwen"."""
+    model.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    tensors = {k: np.array(v) for k, v in safetensors_io.read_checkpoint(directory).items()}
+    return to_qwen_v1(tensors, config) if family == "qwen" else (tensors, config)
+
+
+def write_checkpoint(tensors, config, directory):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    safetensors_io.write_checkpoint(tensors, directory)
+
+
 VISION = dict(
     hidden_size=32,
     intermediate_size=48,
@@ -70,7 +132,7 @@ def our_logits(config, params, ids):
 @pytest.mark.parametrize("family", sorted(DECODERS))
 def test_decoder_logits_match_transformers(tmp_path, family):
     model = randomized(DECODERS[family]())
-    model.save_pretrained(tmp_path / "hf")
+    write_checkpoint(*saved_tensors_and_config(model, tmp_path / "saved", family), tmp_path / "hf")
     config, params = hf.load_decoder(tmp_path / "hf")
     ids = np.random.default_rng(0).integers(0, TEXT["vocab_size"], (2, 11))
     with torch.no_grad():
@@ -81,7 +143,8 @@ def test_decoder_logits_match_transformers(tmp_path, family):
 @pytest.mark.parametrize("family", sorted(DECODERS))
 def test_decoder_export_import_round_trip_is_exact(tmp_path, family):
     model = randomized(DECODERS[family]())
-    model.save_pretrained(tmp_path / "hf")
+    tensors, hf_config = saved_tensors_and_config(model, tmp_path / "saved", family)
+    write_checkpoint(tensors, hf_config, tmp_path / "hf")
     _, params = hf.load_decoder(tmp_path / "hf")
     hf.export_decoder(params, family, tmp_path / "out")
     (tmp_path / "out" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
@@ -90,12 +153,12 @@ def test_decoder_export_import_round_trip_is_exact(tmp_path, family):
     assert flat.keys() == flat_again.keys()
     for key in flat:
         assert flat[key].tobytes() == flat_again[key].tobytes(), key
-    # The exported tensors are exactly the transformers state dict (tied lm_head aside).
+    # The exported tensors are exactly the checkpoint's (a tied lm_head aside).
     exported = safetensors_io.read_checkpoint(tmp_path / "out")
-    state = {k: v for k, v in model.state_dict().items() if k in exported or "lm_head" not in k}
+    state = {k: v for k, v in tensors.items() if k in exported or "lm_head" not in k}
     assert exported.keys() == state.keys()
     for name, tensor in state.items():
-        np.testing.assert_array_equal(exported[name], tensor.numpy(), err_msg=name)
+        np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
 
 
 @pytest.mark.parametrize("family", sorted(TOWERS))
@@ -248,7 +311,7 @@ def test_tokenizer_larger_than_pretrained_vocab_fails(tmp_path, micro_config):
         train.Stage(micro_config, "stage1", mesh, 400)
 
 
-@pytest.mark.parametrize("family", ["phi", "stablelm"])
+@pytest.mark.parametrize("family", ["phi", "stablelm", "qwen"])
 def test_moe_llava_checkpoint_import_and_export(tmp_path, family):
     """A stage-3 MoE-LLaVA checkpoint built by hand from a transformers model: every MoE layer's
     experts are DeepSpeed-named copies of its FFN, so (no drops at eval capacity, gates summing
@@ -282,6 +345,11 @@ def test_moe_llava_checkpoint_import_and_export(tmp_path, family):
         tensors[f"model.mm_projector.image_spatial_proj.{j}.bias"] = rng.normal(
             size=(n_out,)
         ).astype(np.float32)
+    if family == "qwen":
+        tensors, hf_config = to_qwen_v1(tensors, hf_config)
+    root, layers = (
+        ("transformer", "transformer.h") if family == "qwen" else ("model", "model.layers")
+    )
     hf_config.update(
         model_type=f"moe_llava_{family}",
         mm_hidden_size=vision_hidden,
@@ -296,19 +364,17 @@ def test_moe_llava_checkpoint_import_and_export(tmp_path, family):
             "use_residual": False,
         },
     )
-    (tmp_path / "moe").mkdir()
-    (tmp_path / "moe" / "config.json").write_text(json.dumps(hf_config))
-    safetensors_io.write_checkpoint(tensors, tmp_path / "moe")
+    write_checkpoint(tensors, hf_config, tmp_path / "moe")
 
     config, projector, params = hf.load_moe_llava(tmp_path / "moe")
     assert config.moe_layers == (0, 2) and config.moe.num_experts == 4 and projector == "mlp2x_gelu"
     np.testing.assert_array_equal(
         params["decoder"]["layers_2"]["moe"]["router"]["kernel"],
-        tensors["model.layers.2.mlp.deepspeed_moe.gate.wg.weight"].T,
+        tensors[f"{layers}.2.mlp.deepspeed_moe.gate.wg.weight"].T,
     )
     np.testing.assert_array_equal(
         params["projector"]["fc_1"]["kernel"],
-        tensors["model.mm_projector.image_spatial_proj.2.weight"].T,
+        tensors[f"{root}.mm_projector.image_spatial_proj.2.weight"].T,
     )
     ids = rng.integers(0, TEXT["vocab_size"], (2, 9))
     with torch.no_grad():

@@ -16,7 +16,7 @@ from moe_llava_jax.models.moe import MoEConfig
 from moe_llava_jax.models.projector import projector_depth
 from moe_llava_jax.models.vision import VisionConfig
 
-DECODER_TYPES = ("llama", "qwen2", "stablelm", "phi")
+DECODER_TYPES = ("llama", "qwen2", "stablelm", "phi", "qwen")  # "qwen": Qwen v1 (remote code)
 VISION_TYPES = {
     "clip_vision_model": "clip",
     "clip": "clip",
@@ -61,6 +61,8 @@ def decoder_config(hf: Mapping) -> DecoderConfig:
     model_type = hf.get("model_type")
     if model_type not in DECODER_TYPES:
         raise ValueError(f"config.json model_type={model_type!r}: expected one of {DECODER_TYPES}")
+    if model_type == "qwen":
+        return _qwen_v1_config(hf)
     theta, partial = _rope(hf)
     common = dict(
         vocab_size=hf["vocab_size"],
@@ -109,6 +111,77 @@ def decoder_config(hf: Mapping) -> DecoderConfig:
     )
 
 
+def _qwen_v1_config(hf: Mapping) -> DecoderConfig:
+    """Qwen (v1) config.json keys. Its `intermediate_size` counts both SwiGLU halves. Dynamic
+    NTK and log-n attention scaling only act past `seq_length` tokens and are not applied."""
+    no_bias = bool(hf.get("no_bias", True))
+    return DecoderConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf["num_attention_heads"],
+        head_dim=hf.get("kv_channels") or 0,
+        intermediate_size=hf["intermediate_size"] // 2,
+        norm="rmsnorm",
+        norm_eps=hf["layer_norm_epsilon"],
+        activation="silu",
+        gated_mlp=True,
+        mlp_bias=not no_bias,
+        qkv_bias=True,  # c_attn always has a bias
+        out_bias=not no_bias,
+        rope_theta=float(hf.get("rotary_emb_base", 10000.0)),
+        partial_rotary_factor=float(hf.get("rotary_pct", 1.0)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where a decoder family keeps its tensors (`{i}`: layer index)."""
+
+    embed: str
+    layer: str
+    attn: str
+    qkv: tuple[str, str, str] | str  # separate projections, or one fused [q; k; v] module
+    attn_out: str
+    norm1: str
+    norm2: str
+    final_norm: str
+
+    @property
+    def moe(self) -> str:
+        return f"{self.layer}.mlp.deepspeed_moe"
+
+
+_HF_LAYOUT = _Layout(
+    embed="model.embed_tokens",
+    layer="model.layers.{i}",
+    attn="self_attn",
+    qkv=("q_proj", "k_proj", "v_proj"),
+    attn_out="o_proj",
+    norm1="input_layernorm",
+    norm2="post_attention_layernorm",
+    final_norm="model.norm",
+)
+LAYOUTS = {
+    "llama": _HF_LAYOUT,
+    "qwen2": _HF_LAYOUT,
+    "stablelm": _HF_LAYOUT,
+    "phi": dataclasses.replace(_HF_LAYOUT, attn_out="dense", final_norm="model.final_layernorm"),
+    "qwen": _Layout(
+        embed="transformer.wte",
+        layer="transformer.h.{i}",
+        attn="attn",
+        qkv="c_attn",
+        attn_out="c_proj",
+        norm1="ln_1",
+        norm2="ln_2",
+        final_norm="transformer.ln_f",
+    ),
+}
+
+
 def _linear(ours: str, hf: str) -> list[Rule]:
     return [(f"{ours}/kernel", f"{hf}.weight", "linear"), (f"{ours}/bias", f"{hf}.bias", "copy")]
 
@@ -118,34 +191,37 @@ def _norm(ours: str, hf: str) -> list[Rule]:
 
 
 def _mlp_names(model_type: str) -> tuple[tuple[str, str], ...]:
-    """(our FFN param, HF module) pairs: Phi's fc1/fc2, or the gated gate/up/down triple."""
+    """(our FFN param, HF module) pairs. Qwen v1 computes `c_proj(w1(x) * silu(w2(x)))`."""
     if model_type == "phi":
         return (("wi", "fc1"), ("wo", "fc2"))
+    if model_type == "qwen":
+        return (("wi_gate", "w2"), ("wi_up", "w1"), ("wo", "c_proj"))
     return (("wi_gate", "gate_proj"), ("wi_up", "up_proj"), ("wo", "down_proj"))
 
 
 def decoder_rules(model_type: str) -> list[Rule]:
     """Rules for our `decoder/...` subtree (paths relative to it)."""
-    phi = model_type == "phi"
-    layer = "model.layers.{i}"
-    rules = [("embed_tokens/embedding", "model.embed_tokens.weight", "copy")]
-    for ours, hf in (
-        ("q_proj", "q_proj"),
-        ("k_proj", "k_proj"),
-        ("v_proj", "v_proj"),
-        ("o_proj", "dense" if phi else "o_proj"),
-    ):
-        rules += _linear(f"layers_{{i}}/attn/{ours}", f"{layer}.self_attn.{hf}")
-    rules += _norm("layers_{i}/input_norm", f"{layer}.input_layernorm")
-    rules += _norm("layers_{i}/post_attn_norm", f"{layer}.post_attention_layernorm")
-    mlp = (
-        (("wi", "fc1"), ("wo", "fc2"))
-        if phi
-        else (("wi_gate", "gate_proj"), ("wi_up", "up_proj"), ("wo", "down_proj"))
-    )
-    for ours, hf in mlp:
-        rules += _linear(f"layers_{{i}}/mlp/{ours}", f"{layer}.mlp.{hf}")
-    rules += _norm("final_norm", "model.final_layernorm" if phi else "model.norm")
+    layout = LAYOUTS[model_type]
+    attn = f"{layout.layer}.{layout.attn}"
+    rules = [("embed_tokens/embedding", f"{layout.embed}.weight", "copy")]
+    for j, ours in enumerate(("q_proj", "k_proj", "v_proj")):
+        if isinstance(layout.qkv, str):  # fused: part j of 3 along the output axis
+            rules += [
+                (
+                    f"layers_{{i}}/attn/{ours}/kernel",
+                    f"{attn}.{layout.qkv}.weight",
+                    f"linear@{j}/3",
+                ),
+                (f"layers_{{i}}/attn/{ours}/bias", f"{attn}.{layout.qkv}.bias", f"copy@{j}/3"),
+            ]
+        else:
+            rules += _linear(f"layers_{{i}}/attn/{ours}", f"{attn}.{layout.qkv[j]}")
+    rules += _linear("layers_{i}/attn/o_proj", f"{attn}.{layout.attn_out}")
+    rules += _norm("layers_{i}/input_norm", f"{layout.layer}.{layout.norm1}")
+    rules += _norm("layers_{i}/post_attn_norm", f"{layout.layer}.{layout.norm2}")
+    for ours, hf in _mlp_names(model_type):
+        rules += _linear(f"layers_{{i}}/mlp/{ours}", f"{layout.layer}.mlp.{hf}")
+    rules += _norm("final_norm", layout.final_norm)
     rules += _linear("lm_head", "lm_head")
     return rules
 
@@ -230,10 +306,14 @@ def vision_ignored(config: VisionConfig) -> Callable[[str], bool]:
     return ignored
 
 
-# Released MoE-LLaVA checkpoints (PyTorch + DeepSpeed MoE). The Qwen (v1) variant uses a
-# fused-qkv layout this converter does not read.
-MOE_LLAVA_TYPES = {"moe_llava_phi": "phi", "moe_llava_stablelm": "stablelm"}
-MOE_PREFIX = "model.layers.{i}.mlp.deepspeed_moe"
+# Released MoE-LLaVA checkpoints (PyTorch + DeepSpeed MoE): the base LLM's layout, experts
+# under `…mlp.deepspeed_moe.experts.deepspeed_experts.{k}`, the router `…deepspeed_moe.gate.wg`
+# and the projector next to the LLM's embeddings (`model.` or, for Qwen v1, `transformer.`).
+MOE_LLAVA_TYPES = {
+    "moe_llava_phi": "phi",
+    "moe_llava_stablelm": "stablelm",
+    "moe_llava_qwen": "qwen",
+}
 
 
 def moe_llava_config(hf: Mapping) -> tuple[DecoderConfig, str]:
@@ -268,13 +348,15 @@ def moe_llava_config(hf: Mapping) -> tuple[DecoderConfig, str]:
 def moe_llava_rules(model_type: str, projector: str) -> list[Rule]:
     """Rules for our whole param tree minus the vision tower (which the checkpoint omits)."""
     base = MOE_LLAVA_TYPES[model_type]
+    layout = LAYOUTS[base]
     rules = [(f"decoder/{ours}", hf, t) for ours, hf, t in decoder_rules(base)]
-    rules.append(("decoder/layers_{i}/moe/router/kernel", f"{MOE_PREFIX}.gate.wg.weight", "linear"))
+    rules.append(("decoder/layers_{i}/moe/router/kernel", f"{layout.moe}.gate.wg.weight", "linear"))
     for ours, hf in _mlp_names(base):
         rules += _linear(
             f"decoder/layers_{{i}}/moe/experts/{ours}",
-            f"{MOE_PREFIX}.experts.deepspeed_experts.{{k}}.{hf}",
+            f"{layout.moe}.experts.deepspeed_experts.{{k}}.{hf}",
         )
+    root = layout.embed.split(".")[0]  # "model" or "transformer"
     for j in range(projector_depth(projector)):  # nn.Sequential: Linear, GELU, Linear, ...
-        rules += _linear(f"projector/fc_{j}", f"model.mm_projector.image_spatial_proj.{2 * j}")
+        rules += _linear(f"projector/fc_{j}", f"{root}.mm_projector.image_spatial_proj.{2 * j}")
     return rules

@@ -1,6 +1,8 @@
 """Declarative name rules between Hugging Face tensors and our flat param paths.
 
 A rule is `(our_path, hf_name, transform)` where both names may contain `{i}` (a layer index).
+A transform may name a part, `"linear@1/3"`: the HF tensor is split in 3 along its first
+axis and part 1 feeds this param (fused projections such as Qwen v1's `c_attn` = [q; k; v]).
 An HF name may also contain `{k}`: per-expert tensors (DeepSpeed's `deepspeed_experts.{k}`)
 that stack along a new leading axis into one of our `[E, ...]` params. Importing maps every
 HF tensor through the rules; exporting runs them backwards. Every
@@ -74,21 +76,25 @@ def import_tensors(
     for name, value in tensors.items():
         if ignored(name):
             continue
-        for pattern, ours, transform in compiled:
-            match = pattern.fullmatch(name)
-            if match:
-                break
-        else:
+        matches = [(m, ours, t) for p, ours, t in compiled if (m := p.fullmatch(name))]
+        if not matches:
             raise ValueError(f"unexpected tensor {name!r}: no conversion rule knows it")
-        path = _fill(ours, match)
-        if path not in expected:
-            raise ValueError(f"tensor {name!r} maps to {path!r}, which the configured model lacks")
-        array = TRANSFORMS[transform][0](np.asarray(value))
-        if "k" in match.groupdict():
-            experts.setdefault(path, {})[int(match.group("k"))] = array
-            continue
-        _check_shape(name, np.shape(value), path, array, expected)
-        out[path] = array
+        for match, ours, transform in matches:
+            path = _fill(ours, match)
+            if path not in expected:
+                raise ValueError(
+                    f"tensor {name!r} maps to {path!r}, which the configured model lacks"
+                )
+            base, part = _parse(transform)
+            source = np.asarray(value)
+            if part is not None:
+                source = np.split(source, part[1], axis=0)[part[0]]
+            array = TRANSFORMS[base][0](source)
+            if "k" in match.groupdict():
+                experts.setdefault(path, {})[int(match.group("k"))] = array
+                continue
+            _check_shape(name, np.shape(source), path, array, expected)
+            out[path] = array
     for path, parts in experts.items():
         if sorted(parts) != list(range(len(parts))):
             raise ValueError(
@@ -109,6 +115,7 @@ def export_tensors(
     """{our path: array} -> HF tensors; a param no rule covers is an error."""
     compiled = [(_regex(ours), hf, transform) for ours, hf, transform in rules]
     out = {}
+    fused: dict[str, dict[int, np.ndarray]] = {}  # HF name -> {part: array}
     for path, value in params.items():
         for pattern, hf, transform in compiled:
             match = pattern.fullmatch(path)
@@ -116,11 +123,25 @@ def export_tensors(
                 break
         else:
             raise ValueError(f"param {path!r}: no conversion rule exports it")
-        to_hf = TRANSFORMS[transform][1]
+        base, part = _parse(transform)
+        to_hf = TRANSFORMS[base][1]
         name = _fill(hf, match)
-        if "{k}" in name:  # [E, ...] -> one tensor per expert
+        if part is not None:
+            fused.setdefault(name, {})[part[0]] = to_hf(np.asarray(value))
+        elif "{k}" in name:  # [E, ...] -> one tensor per expert
             for k, expert in enumerate(np.asarray(value)):
                 out[name.replace("{k}", str(k))] = to_hf(expert)
         else:
             out[name] = to_hf(np.asarray(value))
+    for name, parts in fused.items():
+        out[name] = np.concatenate([parts[j] for j in sorted(parts)], axis=0)
     return out
+
+
+def _parse(transform: str) -> tuple[str, tuple[int, int] | None]:
+    """ "linear@1/3" -> ("linear", (1, 3)); "linear" -> ("linear", None)."""
+    base, _, part = transform.partition("@")
+    if not part:
+        return base, None
+    index, count = part.split("/")
+    return base, (int(index), int(count))
