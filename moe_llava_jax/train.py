@@ -34,6 +34,7 @@ from moe_llava_jax.data.synthetic import SyntheticDataset, write_synthetic_datas
 from moe_llava_jax.data.tokenizer import Tokenizer
 from moe_llava_jax.evaluate import pope
 from moe_llava_jax.evaluate.run_pope import evaluate_pope
+from moe_llava_jax.generate import CachedGreedyDecoder
 from moe_llava_jax.models.decoder import DecoderConfig
 from moe_llava_jax.models.lvlm import LVLMConfig, MoELLaVA
 from moe_llava_jax.models.moe import MoEConfig, moe_layer_indices
@@ -261,15 +262,6 @@ class Stage:
         step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
         return {"step": step, "params": params, "opt_state": opt_state}
 
-    def logits_fn(self, params: dict):
-        """(input_ids, images) -> logits for evaluation (eval capacity, no gating noise)."""
-        apply = jax.jit(
-            lambda p, ids, images: self.model.apply({"params": p}, ids, images, deterministic=True)[
-                0
-            ]
-        )
-        return functools.partial(apply, params)
-
 
 def log_metrics(writer: SummaryWriter, log_file, step: int, metrics: dict) -> dict:
     """Writes scalars (and per-layer expert loads) to TensorBoard and a JSONL file."""
@@ -338,7 +330,7 @@ def run_pope(
     out_dir = Path(config.workdir) / stage.name / "pope"
     out_dir.mkdir(parents=True, exist_ok=True)
     return evaluate_pope(
-        stage.logits_fn(params),
+        functools.partial(CachedGreedyDecoder(stage.model_cfg), params),
         annotations,
         data_root,
         tokenizer,

@@ -12,11 +12,11 @@ from moe_llava_jax.data.pipeline import Preprocessing, load_model_image
 from moe_llava_jax.data.tokenizer import Tokenizer
 from moe_llava_jax.data.jsonl import write_jsonl
 from moe_llava_jax.evaluate import pope
-from moe_llava_jax.generate import LogitsFn, greedy_generate
+from moe_llava_jax.generate import GenerateFn
 
 
 def answer_probes(
-    logits_fn: LogitsFn,
+    generate: GenerateFn,
     probes: Sequence[dict],
     image_root: Path,
     tokenizer: Tokenizer,
@@ -40,8 +40,7 @@ def answer_probes(
             for p in chunk
         ]
         images = np.stack([load_model_image(str(image_root / p["image"]), prep) for p in chunk])
-        outputs = greedy_generate(
-            logits_fn,
+        outputs = generate(
             prompts,
             images,
             max_new_tokens=max_new_tokens,
@@ -53,7 +52,7 @@ def answer_probes(
 
 
 def evaluate_pope(
-    logits_fn: LogitsFn,
+    generate: GenerateFn,
     annotations: Sequence[dict],
     image_root: Path,
     tokenizer: Tokenizer,
@@ -72,7 +71,7 @@ def evaluate_pope(
     for split in splits:
         probes = pope.build_pope_probes(annotations, split, num_per_image=num_per_image, seed=seed)
         answers = answer_probes(
-            logits_fn,
+            generate,
             probes,
             image_root,
             tokenizer,

@@ -55,6 +55,7 @@ class Attention(nn.Module):
         x: jax.Array,  # [batch, seq, embed]
         positions: jax.Array | None = None,  # [batch, seq]
         valid: jax.Array | None = None,  # [batch, seq] bool; False keys are never attended
+        decode: bool = False,  # append k/v to the "cache" collection and attend over it
     ) -> jax.Array:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
@@ -79,15 +80,19 @@ class Attention(nn.Module):
             q = apply_rotary(q, positions, self.rotary_dim, self.rope_theta)
             k = apply_rotary(k, positions, self.rotary_dim, self.rope_theta)
 
+        seq = x.shape[1]
+        query_slots = key_slots = jnp.arange(seq)
+        if valid is None:
+            valid = jnp.ones(x.shape[:2], bool)
+        if decode:
+            k, v, valid, query_slots = self._append_to_cache(k, v, valid)
+            key_slots = jnp.arange(k.shape[1])
         q = rearrange(q, "b s (k g) d -> b s k g d", k=self.num_kv_heads)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32)
         scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
-        seq = x.shape[1]
-        mask = jnp.ones((1, seq, seq), bool)
+        mask = valid[:, None, :]  # [b, 1, keys]
         if self.causal:
-            mask = jnp.tril(mask)
-        if valid is not None:
-            mask = mask & valid[:, None, :]
+            mask = mask & (key_slots[None, :] <= query_slots[:, None])[None]  # [b, q, keys]
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
@@ -95,3 +100,24 @@ class Attention(nn.Module):
         return layers.dense(
             hidden, ("heads", "embed"), use_bias=self.out_bias, name="o_proj", dtype=self.dtype
         )(out)
+
+    def _append_to_cache(self, k: jax.Array, v: jax.Array, valid: jax.Array):
+        """Writes this call's keys/values at the cache's write index and returns the whole
+        cache: k, v [b, max_len, kv, d], key validity [b, max_len], and the query slots [seq].
+
+        The cache's length is fixed by the input length at `init` (decoding's max length);
+        slots not yet written are invalid, so they are never attended.
+        """
+        initializing = not self.has_variable("cache", "key")
+        cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+        cached_valid = self.variable("cache", "valid", jnp.zeros, valid.shape, bool)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if initializing:
+            return k, v, valid, jnp.arange(k.shape[1])
+        start = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+        cached_valid.value = jax.lax.dynamic_update_slice(cached_valid.value, valid, (0, start))
+        index.value = start + k.shape[1]
+        return cached_k.value, cached_v.value, cached_valid.value, start + jnp.arange(k.shape[1])

@@ -61,7 +61,12 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, positions: jax.Array, valid: jax.Array | None, deterministic: bool
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        valid: jax.Array | None,
+        deterministic: bool,
+        decode: bool = False,
     ) -> tuple[jax.Array, dict | None]:
         cfg = self.config
         h = layers.norm(cfg.norm, cfg.norm_eps, name="input_norm")(x)
@@ -75,7 +80,7 @@ class DecoderBlock(nn.Module):
             rotary_dim=cfg.rotary_dim,
             rope_theta=cfg.rope_theta,
             name="attn",
-        )(h, positions, valid)
+        )(h, positions, valid, decode)
         if not cfg.parallel_block:
             x = x + attn
             h = layers.norm(cfg.norm, cfg.norm_eps, name="post_attn_norm")(x)
@@ -120,13 +125,14 @@ class Decoder(nn.Module):
         positions: jax.Array,
         valid: jax.Array | None = None,
         deterministic: bool = True,
+        decode: bool = False,
     ) -> tuple[jax.Array, dict]:
         """x: [batch, seq, embed] -> logits [batch, seq, vocab] (f32) and MoE statistics
         stacked over the MoE layers (`aux_loss` [L_moe], `expert_load` [L_moe, E],
         `dropped_fraction` [L_moe]); empty dict for a dense model."""
         per_layer = []
         for block in self.layers:
-            x, stats = block(x, positions, valid, deterministic)
+            x, stats = block(x, positions, valid, deterministic, decode)
             if stats is not None:
                 per_layer.append(stats)
         x = self.final_norm(x)

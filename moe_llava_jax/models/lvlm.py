@@ -49,11 +49,24 @@ class MoELLaVA(nn.Module):
         self.decoder = Decoder(self.config.decoder)
 
     def __call__(
-        self, input_ids: jax.Array, images: jax.Array, deterministic: bool = True
+        self,
+        input_ids: jax.Array,
+        images: jax.Array | None,
+        deterministic: bool = True,
+        positions: jax.Array | None = None,
+        valid: jax.Array | None = None,
+        decode: bool = False,
     ) -> tuple[jax.Array, dict]:
-        """input_ids [b, t] (placeholders = IMAGE_TOKEN_INDEX), images [b, H, W, 3]
-        -> logits [b, t, vocab], MoE stats (see `Decoder.__call__`)."""
-        features = self.projector(self.vision(images))  # [b, n, d]
-        embeds = splice_image_features(self.decoder.embed(input_ids), input_ids, features)
-        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        return self.decoder(embeds, positions, None, deterministic)
+        """input_ids [b, t] (placeholders = IMAGE_TOKEN_INDEX), images [b, H, W, 3] or None
+        (no placeholders in input_ids: a decoding step) -> logits [b, t, vocab], MoE stats.
+
+        positions [b, t] default to 0..t-1 and valid [b, t] to all-True; left-padded
+        batches pass both. `decode` appends to the attention KV cache ("cache" collection).
+        """
+        embeds = self.decoder.embed(input_ids)
+        if images is not None:
+            features = self.projector(self.vision(images))  # [b, n, d]
+            embeds = splice_image_features(embeds, input_ids, features)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        return self.decoder(embeds, positions, valid, deterministic, decode)
