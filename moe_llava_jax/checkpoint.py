@@ -73,3 +73,14 @@ def restore_params(directory: str | Path, abstract_params: Any) -> tuple[Any, in
     )
     manager.close()
     return restored["params"], step
+
+
+def restore_meta(directory: str | Path) -> dict:
+    """The JSON item of the latest checkpoint under `directory` ({"stage", "config"})."""
+    manager = ocp.CheckpointManager(Path(directory).absolute())
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {directory}")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    manager.close()
+    return meta

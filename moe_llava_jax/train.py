@@ -345,14 +345,20 @@ def run_pope(
     )
 
 
+def data_root(config: ml_collections.ConfigDict) -> Path:
+    return Path(config.data.root or Path(config.workdir) / "data")
+
+
+def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+    """`data.tokenizer`, default: the one trained on the embedded data."""
+    path = config.data.tokenizer or SyntheticDataset.from_root(data_root(config)).tokenizer_json
+    return Tokenizer.from_file(path, eos_token=config.data.eos_token)
+
+
 def prepare_data(config: ml_collections.ConfigDict) -> tuple[SyntheticDataset, Tokenizer]:
-    """Writes (or reuses) the embedded dataset under `data.root` (default: workdir/data) and
-    loads the tokenizer (`data.tokenizer`, default: the one trained on the embedded data)."""
-    root = Path(config.data.root or Path(config.workdir) / "data")
-    data = write_synthetic_dataset(root, **config.data.synthetic.to_dict())
-    return data, Tokenizer.from_file(
-        config.data.tokenizer or data.tokenizer_json, eos_token=config.data.eos_token
-    )
+    """Writes (or reuses) the embedded dataset under `data.root` (default: workdir/data)."""
+    data = write_synthetic_dataset(data_root(config), **config.data.synthetic.to_dict())
+    return data, load_tokenizer(config)
 
 
 def stage_source(
