@@ -30,15 +30,6 @@ from moe_llava_jax.data.jsonl import iter_jsonl, write_jsonl
 from moe_llava_jax.data.pipeline import load_model_image
 from moe_llava_jax.generate import CachedGreedyDecoder
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A stage's checkpoints directory.")
-_IMAGE = flags.DEFINE_string("image", None, "Image file for a single question.")
-_PROMPT = flags.DEFINE_string("prompt", None, "The question (single-question mode).")
-_QUESTIONS = flags.DEFINE_string("questions", None, "Question jsonl (batch mode).")
-_IMAGE_FOLDER = flags.DEFINE_string("image_folder", "", "Root of the questions' image paths.")
-_ANSWERS = flags.DEFINE_string("answers", None, "Answer jsonl to write (batch mode).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Questions decoded together.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Longest answer in tokens.")
-
 
 class Predictor:
     """A checkpoint ready to answer: its model, params, tokenizer, template, preprocessing."""
@@ -46,16 +37,17 @@ class Predictor:
     def __init__(self, checkpoint_dir: str | Path):
         meta = checkpoint.restore_meta(checkpoint_dir)
         config = ml_collections.ConfigDict(json.loads(meta["config"]))
+        self.config = config
         self.tokenizer = train.load_tokenizer(config)
         mesh = sharding.make_mesh(config.mesh.to_dict())
         self.stage = train.Stage(config, meta["stage"], mesh, self.tokenizer.vocab_size)
-        params, _ = checkpoint.restore_params(
+        self.params, _ = checkpoint.restore_params(
             checkpoint_dir,
             checkpoint.abstract_like(self.stage.abstract_params, self.stage.param_shardings),
         )
         self.template = get_template(config[meta["stage"]].template)
         self.prep = self.stage.preprocessing()
-        self.generate = functools.partial(CachedGreedyDecoder(self.stage.model_cfg), params)
+        self.generate = functools.partial(CachedGreedyDecoder(self.stage.model_cfg), self.params)
 
     def answer(
         self, questions: Sequence[str], images: Sequence[str | None], max_new_tokens: int
@@ -120,25 +112,40 @@ def answer_file(
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    predictor = Predictor(_CHECKPOINT.value)
-    if _QUESTIONS.value:
-        if not _ANSWERS.value:
+    predictor = Predictor(flags.FLAGS.checkpoint)
+    if flags.FLAGS.questions:
+        if not flags.FLAGS.answers:
             raise app.UsageError("--questions needs --answers")
         answer_file(
             predictor,
-            _QUESTIONS.value,
-            _IMAGE_FOLDER.value,
-            _ANSWERS.value,
-            batch_size=_BATCH_SIZE.value,
-            max_new_tokens=_MAX_NEW_TOKENS.value,
+            flags.FLAGS.questions,
+            flags.FLAGS.image_folder,
+            flags.FLAGS.answers,
+            batch_size=flags.FLAGS.batch_size,
+            max_new_tokens=flags.FLAGS.max_new_tokens,
         )
-        print(f"answers written to {_ANSWERS.value}")
+        print(f"answers written to {flags.FLAGS.answers}")
         return
-    if not _PROMPT.value:
+    if not flags.FLAGS.prompt:
         raise app.UsageError("give --prompt (with --image), or --questions and --answers")
-    print(predictor.answer([_PROMPT.value], [_IMAGE.value], _MAX_NEW_TOKENS.value)[0])
+    print(
+        predictor.answer([flags.FLAGS.prompt], [flags.FLAGS.image], flags.FLAGS.max_new_tokens)[0]
+    )
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a program (modules import each other)."""
+    flags.DEFINE_string("checkpoint", None, "A stage's checkpoints directory.")
+    flags.DEFINE_string("image", None, "Image file for a single question.")
+    flags.DEFINE_string("prompt", None, "The question (single-question mode).")
+    flags.DEFINE_string("questions", None, "Question jsonl (batch mode).")
+    flags.DEFINE_string("image_folder", "", "Root of the questions' image paths.")
+    flags.DEFINE_string("answers", None, "Answer jsonl to write (batch mode).")
+    flags.DEFINE_integer("batch_size", 16, "Questions decoded together.")
+    flags.DEFINE_integer("max_new_tokens", 128, "Longest answer in tokens.")
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flag_as_required("checkpoint")
     app.run(main)

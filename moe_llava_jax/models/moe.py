@@ -201,6 +201,8 @@ class MoELayer(nn.Module):
         noise = cfg.eval_second_expert_noise if deterministic else cfg.second_expert_noise
         rng = self.make_rng("gating") if noise and cfg.top_k > 1 else None
         routing = route_top_k(logits, cfg.top_k, capacity, rng)
+        # Free unless "intermediates" is mutable: the routing analysis reads it.
+        self.sow("intermediates", "expert_index", routing.expert_index)
 
         buffers = dispatch(tokens, routing, cfg.num_experts, capacity)  # [g, E, C, d]
         buffers = nn.with_logical_constraint(buffers, (None, "expert", None, None))
