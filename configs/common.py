@@ -192,6 +192,8 @@ def moe_tuning_config(
         pad_to_square=True,
         max_length=136,
     )
+    # Expert-load statistics and plots (image vs text tokens) after these MoE stages.
+    config.routing = {"after": "stage3" if "stage3" in pope_after else "", "num_batches": 8}
     config.pope = {
         "after": pope_after,
         "template": "phi",

@@ -32,7 +32,7 @@ from moe_llava_jax.data.pipeline import Preprocessing, iterate_from, training_ba
 from moe_llava_jax.data.sources import LlavaJsonSource
 from moe_llava_jax.data.synthetic import SyntheticDataset, write_synthetic_dataset
 from moe_llava_jax.data.tokenizer import Tokenizer
-from moe_llava_jax.evaluate import pope
+from moe_llava_jax.evaluate import pope, routing
 from moe_llava_jax.evaluate.run_pope import evaluate_pope
 from moe_llava_jax.generate import CachedGreedyDecoder
 from moe_llava_jax.models.decoder import DecoderConfig
@@ -64,12 +64,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.model.llm_from:
         num_layers = hf.read_hf_config(config.model.llm_from)["num_hidden_layers"]
     moe_layer_indices(moe.layers, num_layers)
-    for name in stage_names(config) + [n for n in config.pope.after.split(",") if n]:
+    routing_after = [n for n in config.routing.after.split(",") if n]
+    for name in (
+        stage_names(config) + [n for n in config.pope.after.split(",") if n] + routing_after
+    ):
         if name not in config:
             raise ValueError(
-                f"config key run_stages/pope.after names {name!r}, which has no "
+                f"config key run_stages/pope.after/routing.after names {name!r}, which has no "
                 f"config.{name} section"
             )
+    for name in routing_after:
+        if not config[name].moe:
+            raise ValueError(f"config key routing.after names {name!r}, which has no MoE layers")
     for name in stage_names(config):
         stages.resolve_rules(config[name].trainable)
         if config[name].batch_size % moe.num_groups:
@@ -389,10 +395,21 @@ def main(argv) -> None:
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices")
     results = {}
     pope_after = [n for n in config.pope.after.split(",") if n]
+    routing_after = [n for n in config.routing.after.split(",") if n]
     start = time.time()
     for name in stage_names(config):
         stage = Stage(config, name, mesh, tokenizer.vocab_size)
-        params = train_stage(stage, stage_source(config, name, data), tokenizer)
+        source = stage_source(config, name, data)
+        params = train_stage(stage, source, tokenizer)
+        if name in routing_after:
+            routing.analyse(
+                stage,
+                params,
+                stage.batches(source, tokenizer),
+                tokenizer.pad_id,
+                config.routing.num_batches,
+                Path(config.workdir) / name / "routing",
+            )
         if name in pope_after:
             for split, metrics in run_pope(
                 config, stage, params, tokenizer, data.root, data.eval_annotations_json

@@ -22,7 +22,6 @@ import numpy as np
 from absl import app, flags, logging
 from einops import rearrange
 
-from moe_llava_jax import predict, train
 from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
 
 MODALITIES = ("image", "text")
@@ -112,27 +111,36 @@ def plot(summary: Mapping, path: str | Path) -> None:
     plt.close(fig)
 
 
-def analyse_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, num_batches: int) -> dict:
-    predictor = predict.Predictor(checkpoint_dir)
-    stage, config = predictor.stage, predictor.config
+def analyse(stage, params: Mapping, batches, pad_id: int, num_batches: int, out_dir) -> dict:
+    """Routing statistics of `stage`'s model on `batches[:num_batches]` -> summary; writes
+    routing.json and routing.png under `out_dir`. `stage` is a `train.Stage`."""
     moe = stage.model_cfg.decoder.moe
     if moe is None:
-        raise ValueError(f"{checkpoint_dir}: stage {stage.name!r} has no MoE layers to analyse")
-    data, tokenizer = train.prepare_data(config)
-    batches = stage.batches(train.stage_source(config, stage.name, data), tokenizer)
+        raise ValueError(f"stage {stage.name!r} has no MoE layers to analyse")
     forward = jax.jit(functools.partial(routing_intermediates, stage.model))
     stats = RoutingStatistics(len(stage.model_cfg.decoder.moe_layers), moe.num_experts)
     for step in range(num_batches):
         batch = batches[step]
-        intermediates = forward(predictor.params, batch["input_ids"], batch["images"])
+        intermediates = forward(params, batch["input_ids"], batch["images"])
         choices = expert_choices(intermediates, len(batch["input_ids"]))
-        stats.add(choices, batch["input_ids"], batch["input_ids"] != tokenizer.pad_id)
+        stats.add(choices, batch["input_ids"], batch["input_ids"] != pad_id)
     summary = stats.summary(stage.model_cfg.decoder.moe_layers)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "routing.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out_dir / "routing.png")
     return summary
+
+
+def analyse_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, num_batches: int) -> dict:
+    # Imported here: `train` itself runs `analyse` at the end of a MoE-Tuning run.
+    from moe_llava_jax import predict, train
+
+    predictor = predict.Predictor(checkpoint_dir)
+    stage, config = predictor.stage, predictor.config
+    data, tokenizer = train.prepare_data(config)
+    batches = stage.batches(train.stage_source(config, stage.name, data), tokenizer)
+    return analyse(stage, predictor.params, batches, tokenizer.pad_id, num_batches, out_dir)
 
 
 def main(argv) -> None:
