@@ -60,6 +60,7 @@ def test_missing_init_from_names_the_command(micro_config):
         ("model.moe.layers", "odd", "model.moe.layers='odd'"),
         ("stage3.trainable", "everything", "trainable='everything'"),
         ("run_stages", "stage1,stage4", "stage4"),
+        ("routing.after", "stage2", "routing.after names 'stage2', which has no MoE"),
     ],
 )
 def test_bad_config_values_fail_naming_the_key(micro_config, key, value, match):
