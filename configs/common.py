@@ -179,18 +179,15 @@ def moe_tuning_config(
         pad_to_square=True,
         max_length=136,
     )
-    config.stage3 = stage(
-        "stage3",
-        data="instruct",
-        template="phi",
+    # Stage 3 keeps stage 2's data and template; it changes the model and what trains.
+    config.stage3 = config.stage2.copy_and_resolve_references()
+    config.stage3.update(
+        name="stage3",
         trainable=stage3_trainable,
         lr=5e-4,
         num_steps=scaled(300),
-        batch_size=32,
         moe=True,
         init_from="stage2",
-        pad_to_square=True,
-        max_length=136,
     )
     # Expert-load statistics and plots (image vs text tokens) after these MoE stages.
     config.routing = {"after": "stage3" if "stage3" in pope_after else "", "num_batches": 8}
