@@ -19,7 +19,7 @@ from flax import linen as nn
 
 from configs import common
 from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
-from moe_llava_jax.generate import CachedGreedyDecoder, greedy_generate
+from moe_llava_jax.generate import CachedDecoder, greedy_generate
 from moe_llava_jax.models.decoder import DecoderConfig
 from moe_llava_jax.models.lvlm import LVLMConfig, MoELLaVA
 from moe_llava_jax.models.moe import MoEConfig
@@ -69,7 +69,7 @@ def main() -> None:
             "params"
         ]
     )
-    cached = CachedGreedyDecoder(config)
+    cached = CachedDecoder(config)
     recompute_logits = jax.jit(lambda ids, images: model.apply({"params": params}, ids, images)[0])
     kwargs = dict(max_new_tokens=args.new_tokens, eos_id=-1, pad_id=0)  # -1: never stops
 

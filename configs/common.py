@@ -79,6 +79,7 @@ def tiny_model() -> ml_collections.ConfigDict:
                 "router_init_std": 0.02,
                 "num_groups": 1,
                 "layers": "sparse",
+                "shared_expert": False,  # DeepSeekMoE-style always-on FFN beside the experts
             },
         }
     )
@@ -134,6 +135,11 @@ def moe_tuning_config(
     config.seed = 0
     config.run_stages = run_stages
     config.router_aux_loss_coef = 0.01
+    config.router_z_loss_coef = 0.0  # ST-MoE router z-loss; the paper has none
+    # How stage 3's experts start from stage 2's dense FFN (stages.upcycle): copy (the paper),
+    # copy_noise (+ noise_scale * std of each tensor), drop_upcycle (re-init drop_fraction of
+    # each expert's intermediate channels; Drop-Upcycling) or random (no upcycling).
+    config.upcycle = {"mode": "copy", "noise_scale": 0.01, "drop_fraction": 0.5, "seed": 0}
     config.mesh = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
     config.model = tiny_model()
     # stageN.data: "captions" | "instruct" (embedded) or a LLaVA JSON/JSONL file, with image paths

@@ -1,13 +1,17 @@
-"""Batched greedy decoding: with a KV cache (`CachedGreedyDecoder`, what evaluation uses) and
+"""Batched decoding: with a KV cache (`CachedDecoder`, what evaluation and `predict` use) and
 by full recomputation (`greedy_generate`, the reference the cached decoder is tested against).
 
 Cached: prompts are left-padded (positions restart at 0 on each row's first real token, pads
 are masked as keys), the prompt is prefilled in one call, then one token per step; every call
 is jitted with static shapes, so a batch compiles twice (prefill + step) and no more.
+The next token is the argmax (temperature 0) or a temperature / top-p (nucleus) sample drawn
+from a seeded key, so a sampled answer is reproducible. A row stops at EOS or when a
+host-side `stop` predicate (template stop strings, `answering.stop_at_strings`) says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -19,8 +23,52 @@ from moe_llava_jax.models.lvlm import LVLMConfig, MoELLaVA
 
 # (input_ids [b, t], images [b, H, W, 3]) -> logits [b, t, vocab]
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
-# (prompts, images [b, H, W, 3], *, max_new_tokens, eos_id, pad_id) -> generated ids per prompt
+# (prompts, images [b, H, W, 3], *, max_new_tokens, eos_id, pad_id, stop) -> ids per prompt
 GenerateFn = Callable[..., list[list[int]]]
+# generated ids of one row so far -> True when the row should stop (ids kept; text cut later)
+StopFn = Callable[[Sequence[int]], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked. temperature 0 = greedy (argmax; top_p and seed unused)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+GREEDY = Sampling()
+
+
+def next_token(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits [b, V] -> token ids [b].
+
+    Top-p keeps the smallest set of most probable tokens whose probability reaches `top_p`
+    (a token is kept when the mass strictly before it is < top_p, so the argmax always is),
+    then samples from the renormalised softmax(logits / temperature) over that set.
+    """
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_p < 1:
+        order = jnp.argsort(-logits, axis=-1)  # [b, V], most probable first
+        sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
+        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+        keep_sorted = mass_before < sampling.top_p
+        keep = (
+            jnp.zeros_like(keep_sorted)
+            .at[jnp.arange(logits.shape[0])[:, None], order]
+            .set(keep_sorted)
+        )
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.random.categorical(rng, logits, axis=-1)
 
 
 def _cut_at_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
@@ -78,9 +126,38 @@ def left_pad(prompts: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, ..
     return ids, valid, positions
 
 
-class CachedGreedyDecoder:
-    """Greedy decoding with a KV cache for one model config (compiled functions are reused
-    across calls with the same batch shape). MoE layers route with the eval capacity factor
+class _RowEnds:
+    """Host-side bookkeeping of where each row's answer ends: at its first EOS (excluded) or
+    at the first step where `stop` fires on the ids so far (included). Checked once per new
+    token, so a stop predicate costs O(new tokens) calls per row."""
+
+    def __init__(self, batch: int, eos_id: int, stop: StopFn | None):
+        self.rows: list[list[int]] = [[] for _ in range(batch)]
+        self.ends: list[int | None] = [None] * batch
+        self.eos_id, self.stop = eos_id, stop
+
+    def add(self, tokens: np.ndarray) -> None:
+        """tokens [b]: the next token of every row."""
+        for row, token in enumerate(tokens.tolist()):
+            if self.ends[row] is not None:
+                continue
+            self.rows[row].append(token)
+            if token == self.eos_id:
+                self.ends[row] = len(self.rows[row]) - 1
+            elif self.stop is not None and self.stop(self.rows[row]):
+                self.ends[row] = len(self.rows[row])
+
+    @property
+    def all_done(self) -> bool:
+        return all(end is not None for end in self.ends)
+
+    def answers(self) -> list[list[int]]:
+        return [row[:end] for row, end in zip(self.rows, self.ends)]
+
+
+class CachedDecoder:
+    """KV-cache decoding for one model config (compiled functions are reused across calls
+    with the same batch shape and sampling). MoE layers route with the eval capacity factor
     and no gating noise."""
 
     def __init__(self, config: LVLMConfig):
@@ -95,8 +172,8 @@ class CachedGreedyDecoder:
         )
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["cache"])
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def _forward(self, params, cache, ids, images, positions, valid):
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def _forward(self, sampling, params, cache, ids, images, positions, valid, rng):
         (logits, _), mutated = self.model.apply(
             {"params": params, "cache": cache},
             ids,
@@ -106,7 +183,7 @@ class CachedGreedyDecoder:
             decode=True,
             mutable=["cache"],
         )
-        return jnp.argmax(logits[:, -1], axis=-1), mutated["cache"]
+        return next_token(logits[:, -1], rng, sampling), mutated["cache"]
 
     def __call__(
         self,
@@ -117,20 +194,34 @@ class CachedGreedyDecoder:
         max_new_tokens: int,
         eos_id: int,
         pad_id: int,
+        stop: StopFn | None = None,
+        sampling: Sampling = GREEDY,
     ) -> list[list[int]]:
-        """Greedy continuation of each prompt, cut at EOS (excluded)."""
+        """Continuation ids of each prompt, cut at EOS (excluded) or where `stop` fired."""
         ids, valid, positions = left_pad(prompts, pad_id)
         batch = len(prompts)
+        key = jax.random.key(sampling.seed)
         cache = self._empty_cache(batch, ids.shape[1] + max_new_tokens, tuple(images.shape[1:]))
-        token, cache = self._forward(params, cache, ids, images, positions, valid)
+        token, cache = self._forward(
+            sampling, params, cache, ids, images, positions, valid, jax.random.fold_in(key, 0)
+        )
         position = positions[:, -1:] + 1  # [b, 1]
-        tokens = [np.asarray(token)]
+        rows = _RowEnds(batch, eos_id, stop)
+        rows.add(np.asarray(token))
         step_valid = np.ones((batch, 1), bool)
-        while len(tokens) < max_new_tokens and not np.all(
-            np.any(np.stack(tokens) == eos_id, axis=0)
-        ):
-            token, cache = self._forward(params, cache, token[:, None], None, position, step_valid)
+        for step in range(1, max_new_tokens):
+            if rows.all_done:
+                break
+            token, cache = self._forward(
+                sampling,
+                params,
+                cache,
+                token[:, None],
+                None,
+                position,
+                step_valid,
+                jax.random.fold_in(key, step),
+            )
             position = position + 1
-            tokens.append(np.asarray(token))
-        generated = np.stack(tokens, axis=1)  # [b, new]
-        return [_cut_at_eos(row, eos_id) for row in generated]
+            rows.add(np.asarray(token))
+        return rows.answers()

@@ -8,7 +8,8 @@
 Batch mode reads LLaVA `model_vqa_loader` question files (`{"question_id", "image", "text"}`
 per line) and writes its answer format (`{"question_id", "prompt", "text", "answer_id",
 "model_id", "metadata"}`). The model, template and tokenizer come from the checkpoint's saved
-config; decoding is greedy with the KV cache.
+config; decoding uses the KV cache, greedy by default (`--temperature`, `--top_p`, `--seed`
+sample), and stops at EOS or the template's stop strings.
 """
 
 from __future__ import annotations
@@ -16,25 +17,29 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
-import numpy as np
 from absl import app, flags, logging
-from tqdm import tqdm
 
 from moe_llava_jax import checkpoint, sharding, train
-from moe_llava_jax.data.conversation import IMAGE_PLACEHOLDER, get_template, tokenize_prompt
+from moe_llava_jax.answering import Answerer
+from moe_llava_jax.data.conversation import get_template
 from moe_llava_jax.data.jsonl import iter_jsonl, write_jsonl
-from moe_llava_jax.data.pipeline import load_model_image
-from moe_llava_jax.generate import CachedGreedyDecoder
+from moe_llava_jax.generate import GREEDY, CachedDecoder, Sampling
 
 
 class Predictor:
     """A checkpoint ready to answer: its model, params, tokenizer, template, preprocessing."""
 
-    def __init__(self, checkpoint_dir: str | Path):
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        *,
+        batch_size: int = 16,
+        max_new_tokens: int = 128,
+        sampling: Sampling = GREEDY,
+    ):
         meta = checkpoint.restore_meta(checkpoint_dir)
         config = ml_collections.ConfigDict(json.loads(meta["config"]))
         self.config = config
@@ -45,32 +50,15 @@ class Predictor:
             checkpoint_dir,
             checkpoint.abstract_like(self.stage.abstract_params, self.stage.param_shardings),
         )
-        self.template = get_template(config[meta["stage"]].template)
-        self.prep = self.stage.preprocessing()
-        self.generate = functools.partial(CachedGreedyDecoder(self.stage.model_cfg), self.params)
-
-    def answer(
-        self, questions: Sequence[str], images: Sequence[str | None], max_new_tokens: int
-    ) -> list[str]:
-        """One greedy answer per (question, image path or None)."""
-        prompts = [
-            tokenize_prompt(
-                f"{IMAGE_PLACEHOLDER}\n{q}" if image else q,
-                self.template,
-                self.tokenizer,
-                self.prep.num_image_tokens,
-            )
-            for q, image in zip(questions, images)
-        ]
-        pixels = np.stack([load_model_image(image, self.prep) for image in images])
-        outputs = self.generate(
-            prompts,
-            pixels,
+        self.answer = Answerer(
+            functools.partial(CachedDecoder(self.stage.model_cfg), self.params),
+            self.tokenizer,
+            get_template(config[meta["stage"]].template),
+            self.stage.preprocessing(),
+            batch_size=batch_size,
             max_new_tokens=max_new_tokens,
-            eos_id=self.tokenizer.eos_id,
-            pad_id=self.tokenizer.pad_id,
+            sampling=sampling,
         )
-        return [self.tokenizer.decode(ids).strip() for ids in outputs]
 
 
 def answer_file(
@@ -78,9 +66,6 @@ def answer_file(
     questions_path: str | Path,
     image_folder: str | Path,
     answers_path: str | Path,
-    *,
-    batch_size: int,
-    max_new_tokens: int,
 ) -> None:
     """LLaVA question jsonl -> answer jsonl, in question order."""
     questions = []
@@ -89,13 +74,12 @@ def answer_file(
         if missing:
             raise ValueError(f"{questions_path}: line {lineno}: missing field {missing[0]!r}")
         questions.append(row)
+    images = [str(Path(image_folder) / q["image"]) if q.get("image") else None for q in questions]
+    answers = predictor.answer([q["text"] for q in questions], images, progress=True)
     model_id = f"moe_llava_jax/{predictor.stage.name}"
-    rows = []
-    for start in tqdm(range(0, len(questions), batch_size), desc="answering", unit="batch"):
-        chunk = questions[start : start + batch_size]
-        images = [str(Path(image_folder) / q["image"]) if q.get("image") else None for q in chunk]
-        answers = predictor.answer([q["text"] for q in chunk], images, max_new_tokens)
-        rows += [
+    write_jsonl(
+        answers_path,
+        [
             {
                 "question_id": q["question_id"],
                 "prompt": q["text"],
@@ -104,15 +88,20 @@ def answer_file(
                 "model_id": model_id,
                 "metadata": {},
             }
-            for q, answer in zip(chunk, answers)
-        ]
-    write_jsonl(answers_path, rows)
+            for q, answer in zip(questions, answers)
+        ],
+    )
 
 
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    predictor = Predictor(flags.FLAGS.checkpoint)
+    predictor = Predictor(
+        flags.FLAGS.checkpoint,
+        batch_size=flags.FLAGS.batch_size if flags.FLAGS.questions else 1,
+        max_new_tokens=flags.FLAGS.max_new_tokens,
+        sampling=Sampling(flags.FLAGS.temperature, flags.FLAGS.top_p, flags.FLAGS.seed),
+    )
     if flags.FLAGS.questions:
         if not flags.FLAGS.answers:
             raise app.UsageError("--questions needs --answers")
@@ -121,16 +110,12 @@ def main(argv) -> None:
             flags.FLAGS.questions,
             flags.FLAGS.image_folder,
             flags.FLAGS.answers,
-            batch_size=flags.FLAGS.batch_size,
-            max_new_tokens=flags.FLAGS.max_new_tokens,
         )
         print(f"answers written to {flags.FLAGS.answers}")
         return
     if not flags.FLAGS.prompt:
         raise app.UsageError("give --prompt (with --image), or --questions and --answers")
-    print(
-        predictor.answer([flags.FLAGS.prompt], [flags.FLAGS.image], flags.FLAGS.max_new_tokens)[0]
-    )
+    print(predictor.answer([flags.FLAGS.prompt], [flags.FLAGS.image])[0])
 
 
 def define_flags() -> None:
@@ -143,6 +128,9 @@ def define_flags() -> None:
     flags.DEFINE_string("answers", None, "Answer jsonl to write (batch mode).")
     flags.DEFINE_integer("batch_size", 16, "Questions decoded together.")
     flags.DEFINE_integer("max_new_tokens", 128, "Longest answer in tokens.")
+    flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sample from softmax(logits / T).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the most probable tokens up to p.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same batch -> same answers).")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from moe_llava_jax import checkpoint, optim, sharding, stages
+from moe_llava_jax.answering import Answerer
 from moe_llava_jax.convert import families, hf
 from moe_llava_jax.data import images as image_ops
 from moe_llava_jax.data.conversation import get_template
@@ -34,7 +35,7 @@ from moe_llava_jax.data.synthetic import SyntheticDataset, write_synthetic_datas
 from moe_llava_jax.data.tokenizer import Tokenizer
 from moe_llava_jax.evaluate import pope, routing
 from moe_llava_jax.evaluate.run_pope import evaluate_pope
-from moe_llava_jax.generate import CachedGreedyDecoder
+from moe_llava_jax.generate import CachedDecoder
 from moe_llava_jax.models.decoder import DecoderConfig
 from moe_llava_jax.models.lvlm import LVLMConfig, MoELLaVA
 from moe_llava_jax.models.moe import MoEConfig, moe_layer_indices
@@ -64,6 +65,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.model.llm_from:
         num_layers = hf.read_hf_config(config.model.llm_from)["num_hidden_layers"]
     moe_layer_indices(moe.layers, num_layers)
+    up = config.upcycle
+    stages.check_upcycling(up.mode, up.noise_scale, up.drop_fraction)
+    if config.router_z_loss_coef < 0:
+        raise ValueError(f"config key router_z_loss_coef={config.router_z_loss_coef} must be >= 0")
     routing_after = [n for n in config.routing.after.split(",") if n]
     for name in (
         stage_names(config) + [n for n in config.pope.after.split(",") if n] + routing_after
@@ -177,6 +182,7 @@ class Stage:
                 self.mask,
                 self.schedule,
                 aux_loss_coef=config.router_aux_loss_coef,
+                z_loss_coef=config.router_z_loss_coef,
                 seed=config.seed,
             ),
             self.state_shardings,
@@ -232,7 +238,7 @@ class Stage:
             return params
         merged = {**params, **pretrained}
         if self.model_cfg.decoder.moe is not None and "decoder" in pretrained:
-            merged = stages.upcycle(merged, params)
+            return self.upcycle(merged, params)
         return jax.device_put(merged, self.param_shardings)
 
     def initial_params(self) -> dict:
@@ -253,9 +259,22 @@ class Stage:
         params, step = checkpoint.restore_params(directory, abstract)
         tqdm.write(f"{self.name}: initialised from {directory} (step {step})")
         if self.model_cfg.decoder.moe is not None and source_stage.model_cfg.decoder.moe is None:
-            upcycle = jax.jit(stages.upcycle, out_shardings=self.param_shardings)
-            return upcycle(params, self.random_params())
+            return self.upcycle(params, self.random_params())
         return params
+
+    def upcycle(self, dense_params: dict, moe_init: dict) -> dict:
+        """Dense params -> this stage's MoE params as `config.upcycle` says, sharded."""
+        up = self.config.upcycle
+        upcycle = jax.jit(
+            functools.partial(
+                stages.upcycle,
+                mode=up.mode,
+                noise_scale=up.noise_scale,
+                drop_fraction=up.drop_fraction,
+            ),
+            out_shardings=self.param_shardings,
+        )
+        return upcycle(dense_params, moe_init, jax.random.key(up.seed))
 
     def initial_state(self, manager) -> dict:
         if manager.latest_step() is not None:
@@ -269,8 +288,12 @@ class Stage:
         return {"step": step, "params": params, "opt_state": opt_state}
 
 
+# Router statistics with one value per MoE layer ([L_moe]), logged as moe/layer{i}/{key}.
+PER_LAYER_METRICS = ("dropped_fraction", "router_entropy", "router_z_loss")
+
+
 def log_metrics(writer: SummaryWriter, log_file, step: int, metrics: dict) -> dict:
-    """Writes scalars (and per-layer expert loads) to TensorBoard and a JSONL file."""
+    """Writes scalars (and per-MoE-layer router statistics) to TensorBoard and a JSONL file."""
     metrics = jax.device_get(metrics)
     scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
     for key, value in scalars.items():
@@ -278,12 +301,13 @@ def log_metrics(writer: SummaryWriter, log_file, step: int, metrics: dict) -> di
     for layer, load in enumerate(metrics.get("expert_load", [])):
         for expert, value in enumerate(load):
             writer.add_scalar(f"moe/layer{layer}/expert{expert}_load", float(value), step)
-    for layer, value in enumerate(metrics.get("dropped_fraction", [])):
-        writer.add_scalar(f"moe/layer{layer}/dropped_fraction", float(value), step)
     record = {"step": step, **scalars}
-    if "expert_load" in metrics:
-        record["expert_load"] = np.round(metrics["expert_load"], 4).tolist()
-        record["dropped_fraction"] = np.round(metrics["dropped_fraction"], 4).tolist()
+    for key in PER_LAYER_METRICS:
+        for layer, value in enumerate(metrics.get(key, [])):
+            writer.add_scalar(f"moe/layer{layer}/{key}", float(value), step)
+    for key in ("expert_load", *PER_LAYER_METRICS):
+        if key in metrics:
+            record[key] = np.round(metrics[key], 4).tolist()
     log_file.write(json.dumps(record) + "\n")
     log_file.flush()
     return scalars
@@ -332,21 +356,23 @@ def run_pope(
     annotations_path: Path,
 ) -> dict:
     annotations = json.loads(annotations_path.read_text())
-    prep = stage.preprocessing()
     out_dir = Path(config.workdir) / stage.name / "pope"
     out_dir.mkdir(parents=True, exist_ok=True)
-    return evaluate_pope(
-        functools.partial(CachedGreedyDecoder(stage.model_cfg), params),
-        annotations,
-        data_root,
+    answerer = Answerer(
+        functools.partial(CachedDecoder(stage.model_cfg), params),
         tokenizer,
         get_template(config.pope.template),
-        prep,
+        stage.preprocessing(),
+        batch_size=config.pope.batch_size,
+        max_new_tokens=config.pope.max_new_tokens,
+    )
+    return evaluate_pope(
+        answerer,
+        annotations,
+        data_root,
         splits=pope.SPLITS,
         num_per_image=config.pope.num_per_image,
         seed=config.seed,
-        batch_size=config.pope.batch_size,
-        max_new_tokens=config.pope.max_new_tokens,
         answers_dir=out_dir,
     )
 

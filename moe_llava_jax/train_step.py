@@ -1,4 +1,5 @@
-"""Loss (answer-token CE + alpha * sum of MoE balance losses) and the jit-compiled step.
+"""Loss (answer-token CE + alpha * sum of MoE balance losses + beta * sum of router z-losses)
+and the jit-compiled step.
 
 The step differentiates only w.r.t. the trainable params (a flat dict); frozen params enter
 as constants, so XLA computes no weight gradients for them and returns them untouched. The
@@ -44,7 +45,11 @@ def compute_loss(
     rng: jax.Array,
     aux_loss_coef: float,
     deterministic: bool = False,
+    *,
+    z_loss_coef: float = 0.0,
 ) -> tuple[jax.Array, dict]:
+    """CE + aux_loss_coef * sum_layers(aux) + z_loss_coef * sum_layers(z); metrics carry the
+    sums and the per-MoE-layer router statistics ([L_moe], expert_load [L_moe, E])."""
     logits, moe_stats = model.apply(
         {"params": params},
         batch["input_ids"],
@@ -57,11 +62,15 @@ def compute_loss(
     loss = ce
     if moe_stats:
         aux = jnp.sum(moe_stats["aux_loss"])  # a sum over MoE layers, as the original
-        loss = loss + aux_loss_coef * aux
+        z = jnp.sum(moe_stats["z_loss"])  # summed over layers like aux
+        loss = loss + aux_loss_coef * aux + z_loss_coef * z
         metrics.update(
             aux_loss=aux,
+            z_loss=z,
             expert_load=moe_stats["expert_load"],
             dropped_fraction=moe_stats["dropped_fraction"],
+            router_entropy=moe_stats["router_entropy"],
+            router_z_loss=moe_stats["z_loss"],
         )
     metrics["loss"] = loss
     return loss, metrics
@@ -74,6 +83,7 @@ def make_train_step(
     schedule: optax.Schedule,
     *,
     aux_loss_coef: float,
+    z_loss_coef: float,
     seed: int,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The un-jitted step; `jit_train_step` adds shardings and donation."""
@@ -84,7 +94,9 @@ def make_train_step(
         trainable, frozen = stages.partition(state["params"], mask)
 
         def loss_of_trainable(t):
-            return compute_loss(model, stages.merge(t, frozen), batch, rng, aux_loss_coef)
+            return compute_loss(
+                model, stages.merge(t, frozen), batch, rng, aux_loss_coef, z_loss_coef=z_loss_coef
+            )
 
         (_, metrics), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(trainable)
         full_grads = stages.merge(grads, {k: jnp.zeros_like(v) for k, v in frozen.items()})

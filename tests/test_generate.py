@@ -1,7 +1,8 @@
-"""Batched greedy decoding with different prompt lengths."""
+"""Batched decoding: greedy with different prompt lengths, sampling, stop predicates."""
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from moe_llava_jax.generate import greedy_generate
 
@@ -25,15 +26,14 @@ def test_greedy_stops_per_row_at_eos_and_excludes_it():
     assert out[2] == [8, 0, 1, 2, 3, 4]  # hits max_new_tokens before EOS
 
 
-def test_cached_decoding_equals_full_recompute_for_ragged_prompts():
-    """KV-cache decoding (left-padded, prefill + 1 token/step) yields exactly the tokens of
-    full recomputation (right-padded) on a tiny random MoE-LLaVA, for prompts of different
-    lengths with and without an image."""
+@pytest.fixture(scope="module")
+def tiny_lvlm():
+    """A tiny random MoE-LLaVA and a ragged batch: prompts of different lengths, with and
+    without an image. Returns (config, params, prompts, images)."""
     import jax
     from flax import linen as nn
 
     from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
-    from moe_llava_jax.generate import CachedGreedyDecoder
     from moe_llava_jax.models.decoder import DecoderConfig
     from moe_llava_jax.models.lvlm import LVLMConfig, MoELLaVA
     from moe_llava_jax.models.moe import MoEConfig
@@ -68,14 +68,71 @@ def test_cached_decoding_equals_full_recompute_for_ragged_prompts():
     params = jax.tree.map(  # large random weights: well-separated logits, no argmax ties
         lambda x: 0.5 * jax.random.normal(next(keys), x.shape), nn.unbox(variables["params"])
     )
+    return config, params, prompts, images
+
+
+def test_cached_decoding_equals_full_recompute_for_ragged_prompts(tiny_lvlm):
+    """KV-cache decoding (left-padded, prefill + 1 token/step) yields exactly the tokens of
+    full recomputation (right-padded); the test fails if pads are not masked."""
+    from moe_llava_jax.generate import CachedDecoder
+    from moe_llava_jax.models.lvlm import MoELLaVA
+
+    config, params, prompts, images = tiny_lvlm
+    model = MoELLaVA(config)
     eos = 7
 
     def logits_fn(ids, imgs):
         return model.apply({"params": params}, ids, imgs)[0]
 
     reference = greedy_generate(logits_fn, prompts, images, max_new_tokens=12, eos_id=eos, pad_id=0)
-    cached = CachedGreedyDecoder(config)(
-        params, prompts, images, max_new_tokens=12, eos_id=eos, pad_id=0
-    )
+    cached = CachedDecoder(config)(params, prompts, images, max_new_tokens=12, eos_id=eos, pad_id=0)
     assert cached == reference
     assert any(len(tokens) > 3 for tokens in reference)  # the comparison covers real decoding
+
+
+def test_next_token_greedy_and_top_p_support_and_frequencies():
+    import jax
+
+    from moe_llava_jax.generate import Sampling, next_token
+
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.asarray(np.log(probs))[None].repeat(4000, axis=0)  # [4000, 4]
+    key = jax.random.key(0)
+    assert (next_token(logits, key, Sampling()) == 0).all()
+    # top_p 0.5: the mass before token 1 is 0.5, not < 0.5 -> only the argmax survives
+    assert (next_token(logits, key, Sampling(temperature=1.0, top_p=0.5)) == 0).all()
+    # top_p 0.7: tokens {0, 1} (0.5 < 0.7, then 0.8 >= 0.7), renormalised to 0.625 / 0.375
+    tokens = np.asarray(next_token(logits, key, Sampling(temperature=1.0, top_p=0.7)))
+    assert set(tokens.tolist()) == {0, 1}
+    assert abs((tokens == 0).mean() - 0.625) < 0.03
+    # top_p 1, temperature 1: the model's own distribution
+    tokens = np.asarray(next_token(logits, key, Sampling(temperature=1.0)))
+    assert np.allclose(np.bincount(tokens, minlength=4) / len(tokens), probs, atol=0.03)
+    # temperature 2 flattens it: p ~ sqrt(probs)
+    tokens = np.asarray(next_token(logits, key, Sampling(temperature=2.0)))
+    flat = np.sqrt(probs) / np.sqrt(probs).sum()
+    assert np.allclose(np.bincount(tokens, minlength=4) / len(tokens), flat, atol=0.03)
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(temperature=1.0, top_p=0.0)
+
+
+def test_cached_decoder_stop_predicate_and_seeded_sampling(tiny_lvlm):
+    """A row stops at the step its stop predicate first fires (that token kept); sampling
+    with one seed repeats, with another differs."""
+    from moe_llava_jax.generate import CachedDecoder, Sampling
+
+    config, params, prompts, images = tiny_lvlm
+    decode = CachedDecoder(config)
+    kwargs = dict(max_new_tokens=12, eos_id=-1, pad_id=0)  # eos -1: never emitted
+    full = decode(params, prompts, images, **kwargs)
+    assert all(len(row) == 12 for row in full)
+    stop_token = full[0][4]
+    stopped = decode(params, prompts, images, stop=lambda ids: ids[-1] == stop_token, **kwargs)
+    for row, cut in zip(full, stopped):
+        expected = row[: row.index(stop_token) + 1] if stop_token in row else row
+        assert cut == expected
+    hot = Sampling(temperature=3.0, top_p=0.9, seed=0)
+    sampled = decode(params, prompts, images, sampling=hot, **kwargs)
+    assert decode(params, prompts, images, sampling=hot, **kwargs) == sampled
+    other = Sampling(temperature=3.0, top_p=0.9, seed=1)
+    assert decode(params, prompts, images, sampling=other, **kwargs) != sampled

@@ -1,11 +1,13 @@
 """Router and dispatch on a hand-worked example (MoE-LLaVA / DeepSpeed top-2 semantics)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moe_llava_jax.models import moe
+from moe_llava_jax.models.mlp import FFNConfig
 
 # 4 tokens, 3 experts. Choices (1st, 2nd): t0 (e0, e1), t1 (e0, e2), t2 (e0, e1), t3 (e2, e1).
 PROBS = np.array([[0.5, 0.3, 0.2], [0.6, 0.1, 0.3], [0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], np.float32)
@@ -80,6 +82,42 @@ def test_second_expert_noise_changes_only_later_choices():
     np.testing.assert_array_equal(clean.expert_index[..., 0], noisy.expert_index[..., 0])
     assert np.any(clean.expert_index[..., 1] != noisy.expert_index[..., 1])
     assert np.all(noisy.expert_index[..., 1] != noisy.expert_index[..., 0])
+
+
+def test_z_loss_and_entropy_values():
+    # logsumexp per token: ln 2 and ln 4, so z = ((ln 2)^2 + (ln 4)^2) / 2. Softmaxes (1/2, 1/2)
+    # and (3/4, 1/4): entropies ln 2 = 0.693147 and 0.562335 nats, mean 0.627741.
+    r = moe.route_top_k(jnp.array([[[0.0, 0.0], [np.log(3.0), 0.0]]]), top_k=1, capacity=2)
+    assert float(r.z_loss) == pytest.approx(1.2011325, rel=1e-6)
+    assert float(r.entropy) == pytest.approx(0.6277412, rel=1e-6)
+
+
+def test_top1_gate_is_the_raw_router_probability():
+    # Switch / DeepSpeed top1gating: no renormalisation. All tokens pick e0 but t3 (e2); with
+    # capacity 2, t2 finds e0 full and is dropped.
+    r = moe.route_top_k(jnp.log(PROBS)[None], top_k=1, capacity=2)
+    np.testing.assert_array_equal(r.expert_index[0, :, 0], [0, 0, 0, 2])
+    np.testing.assert_allclose(r.gate[0, :, 0], [0.5, 0.6, 0.0, 0.6], rtol=1e-6)
+    np.testing.assert_allclose(r.expert_load, [3 / 4, 0, 1 / 4], rtol=1e-6)
+
+
+def test_top1_layer_trains_its_router_without_gating_noise():
+    config = moe.MoEConfig(num_experts=4, top_k=1)
+    ffn = FFNConfig(8, 16, "silu", gated=True, use_bias=False)
+    layer = moe.MoELayer(config, ffn)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    params = layer.init(jax.random.key(1), x, deterministic=False)["params"]
+
+    def output_sum(p):  # no "gating" rng: top-1 draws no noise
+        return layer.apply({"params": p}, x, deterministic=False)[0].sum()
+
+    grads = nn.unbox(jax.grad(output_sum)(params))
+    # A gate renormalised to 1 would leave the router only rounding noise (~1e-8 relative).
+    router, expert = (
+        float(jnp.abs(g).max())
+        for g in (grads["router"]["kernel"], grads["experts"]["wo"]["kernel"])
+    )
+    assert router > 1e-3 * expert
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,14 @@
 """Stage scheduler: which leaves train, upcycling, and what a step may touch."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from moe_llava_jax import sharding, stages, train
+from moe_llava_jax import sharding, stages, train, train_step
 
 
 def make_stage(config, name):
@@ -86,6 +88,70 @@ def test_upcycle_copies_ffn_into_every_expert(micro_config):
     np.testing.assert_array_equal(
         up["decoder/layers_1/mlp/wo/kernel"], flat_dense["decoder/layers_1/mlp/wo/kernel"]
     )
+
+
+def test_stage_upcycles_as_config_says(micro_config):
+    micro_config.upcycle.update(mode="drop_upcycle", drop_fraction=0.25, seed=3)
+    dense, _, _ = make_stage(micro_config, "stage2")
+    moe_stage, _, _ = make_stage(micro_config, "stage3")
+    dense_params = dense.fresh_params()
+    init = moe_stage.random_params()
+    up = stages.flatten(moe_stage.upcycle(dense_params, init))  # jitted, sharded
+    source = np.asarray(stages.flatten(dense_params)["decoder/layers_0/mlp/wo/kernel"])
+    experts = np.asarray(up["decoder/layers_0/moe/experts/wo/kernel"])  # [E, F, d]
+    rows_changed = (experts != source).all(axis=2).sum(axis=1)
+    np.testing.assert_array_equal(rows_changed, [64 // 4] * experts.shape[0])  # F = 64
+    np.testing.assert_array_equal(
+        up["decoder/layers_0/moe/router/kernel"],
+        stages.flatten(init)["decoder/layers_0/moe/router/kernel"],
+    )
+
+
+def test_z_loss_enters_the_loss_with_its_coefficient(micro_config):
+    stage, data, tokenizer = make_stage(micro_config, "stage3")
+    batch = first_batch(stage, data, tokenizer)
+    params = stage.fresh_params()
+
+    def loss(coef):
+        return train_step.compute_loss(
+            stage.model, params, batch, jax.random.key(0), 0.01, z_loss_coef=coef
+        )
+
+    base, metrics = loss(0.0)
+    with_z, _ = loss(0.5)
+    num_moe_layers = len(stage.model_cfg.decoder.moe_layers)
+    assert metrics["router_z_loss"].shape == metrics["router_entropy"].shape == (num_moe_layers,)
+    assert float(metrics["z_loss"]) == pytest.approx(float(metrics["router_z_loss"].sum()))
+    assert float(metrics["z_loss"]) > 0
+    assert float(with_z - base) == pytest.approx(0.5 * float(metrics["z_loss"]), rel=1e-4)
+
+
+def test_log_metrics_writes_router_stats_per_moe_layer(tmp_path):
+    class Writer:
+        def __init__(self):
+            self.tags = {}
+
+        def add_scalar(self, tag, value, step):
+            self.tags[tag] = value
+
+    metrics = {
+        "loss": jnp.float32(1.0),
+        "z_loss": jnp.float32(3.0),
+        "expert_load": jnp.full((2, 4), 0.25),
+        "dropped_fraction": jnp.array([0.0, 0.1]),
+        "router_entropy": jnp.array([1.2, 1.3]),
+        "router_z_loss": jnp.array([1.0, 2.0]),
+    }
+    writer = Writer()
+    with open(tmp_path / "metrics.jsonl", "w") as log_file:
+        train.log_metrics(writer, log_file, 7, metrics)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["router_entropy"] == pytest.approx([1.2, 1.3])
+    assert record["router_z_loss"] == [1.0, 2.0]
+    assert record["z_loss"] == 3.0
+    assert writer.tags["moe/layer1/router_entropy"] == pytest.approx(1.3)
+    assert writer.tags["moe/layer0/router_z_loss"] == 1.0
+    assert writer.tags["train/z_loss"] == 3.0
 
 
 def count_arrays(tree):

@@ -49,6 +49,13 @@ class ChatTemplate:
     sep2: str
     plain: bool = False
 
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Where a generated answer ends: `sep2` (the original's only stop string; usually the
+        EOS token, which decoding also stops on by id) and, for chat templates, the next
+        user turn's role marker, which an under-trained model may run on into."""
+        return (self.sep2,) if self.plain else (self.sep2, f"{self.roles[0]}:")
+
 
 TEMPLATES: dict[str, ChatTemplate] = {
     "plain": ChatTemplate(name="plain", system="", sep="", sep2="\n", plain=True),

@@ -128,8 +128,8 @@ class Decoder(nn.Module):
         decode: bool = False,
     ) -> tuple[jax.Array, dict]:
         """x: [batch, seq, embed] -> logits [batch, seq, vocab] (f32) and MoE statistics
-        stacked over the MoE layers (`aux_loss` [L_moe], `expert_load` [L_moe, E],
-        `dropped_fraction` [L_moe]); empty dict for a dense model."""
+        stacked over the MoE layers (`aux_loss`, `z_loss`, `router_entropy`,
+        `dropped_fraction` [L_moe]; `expert_load` [L_moe, E]); empty dict for a dense model."""
         per_layer = []
         for block in self.layers:
             x, stats = block(x, positions, valid, deterministic, decode)

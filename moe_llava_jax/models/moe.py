@@ -6,8 +6,19 @@ plus Gumbel noise when `noise` is on (the original's `top2gating` does this in t
 eval; here eval noise is a separate switch, off by default, so greedy decoding is
 deterministic). Each expert owns `capacity` slots per group of tokens; slots are handed out
 to all first choices in token order, then all second choices, ...; a choice that finds its
-expert full is dropped. The kept gate values of a token are renormalised to sum to 1 (one
-survivor gets weight 1; no survivor -> MoE output 0 and the residual carries the token).
+expert full is dropped. With top_k >= 2 the kept gate values of a token are renormalised to
+sum to 1 (DeepSpeed `top2gating`: one survivor gets weight 1; no survivor -> MoE output 0 and
+the residual carries the token). With top_k = 1 the gate is the raw router probability of the
+chosen expert, as in DeepSpeed's `top1gating` (and Switch): renormalising a single choice
+would make it 1 and cut the router off from the loss's gradient. Not reproduced from
+`top1gating`: its random token selection (`use_rts`) on overflow; here the first tokens in
+order keep their slots, as for top-2.
+
+Router statistics per layer: the aux (balance) loss, the ST-MoE z-loss
+`mean_tokens(logsumexp(logits)^2)` (keeps logits small; weighted by `router_z_loss_coef`,
+0 in the paper), the mean routing entropy, expert loads and the dropped fraction. An optional
+shared expert (DeepSeekMoE) is a dense FFN every token passes through, added to the routed
+output.
 
 Dispatch gathers tokens into `[groups, experts, capacity, embed]` buffers by index and
 combines by index (O(tokens * embed)), instead of one-hot `[tokens, experts, capacity]`
@@ -43,6 +54,7 @@ class MoEConfig:
     router_init_std: float = 0.02
     num_groups: int = 1  # tokens of the micro-batch are routed in this many independent groups
     layers: str = "sparse"  # a PLACEMENTS name or comma-separated layer indices, e.g. "0,3"
+    shared_expert: bool = False  # an always-on dense FFN added to the routed output
 
 
 def moe_layer_indices(placement: str, num_layers: int) -> tuple[int, ...]:
@@ -81,8 +93,10 @@ class Routing(NamedTuple):
     slot: (
         jax.Array
     )  # [groups, tokens, k] int32: slot in the expert's buffer; == capacity if dropped
-    gate: jax.Array  # [groups, tokens, k] f32: renormalised over kept choices, 0 where dropped
+    gate: jax.Array  # [groups, tokens, k] f32: see the module docstring; 0 where dropped
     aux_loss: jax.Array  # []: E * sum_e f_e * P_e, mean over groups
+    z_loss: jax.Array  # []: mean over tokens of logsumexp(logits)^2
+    entropy: jax.Array  # []: mean over tokens of the entropy (nats) of the router softmax
     expert_load: jax.Array  # [E]: fraction of (token, choice) assignments per expert, pre-drop
     dropped_fraction: jax.Array  # []: fraction of (token, choice) assignments dropped
 
@@ -115,16 +129,20 @@ def route_top_k(
     kept = slot < capacity
 
     gate = jnp.take_along_axis(probs, expert_index, axis=-1) * kept  # [g, s, k]
-    gate = gate / jnp.maximum(gate.sum(-1, keepdims=True), jnp.finfo(gate.dtype).eps)
+    if top_k > 1:
+        gate = gate / jnp.maximum(gate.sum(-1, keepdims=True), jnp.finfo(gate.dtype).eps)
 
     top1_fraction = onehot[:, :, 0].astype(jnp.float32).mean(axis=1)  # f_e: [g, e]
     mean_prob = probs.mean(axis=1)  # P_e: [g, e]
     aux_loss = jnp.mean(num_experts * jnp.sum(top1_fraction * mean_prob, axis=-1))
+    log_probs = jax.nn.log_softmax(logits, axis=-1)  # [g, s, e]
     return Routing(
         expert_index=expert_index,
         slot=jnp.where(kept, slot, capacity),
         gate=gate,
         aux_loss=aux_loss,
+        z_loss=jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
+        entropy=jnp.mean(-jnp.sum(probs * log_probs, axis=-1)),
         expert_load=onehot.astype(jnp.float32).mean(axis=(0, 1, 2)),
         dropped_fraction=jnp.mean(~kept, dtype=jnp.float32),
     )
@@ -166,7 +184,8 @@ def combine(y: jax.Array, routing: Routing) -> jax.Array:
 
 
 class MoELayer(nn.Module):
-    """Router + E stacked experts (the same `MLP`, vmapped: params [E, ...])."""
+    """Router + E stacked experts (the same `MLP`, vmapped: params [E, ...]), plus the
+    `shared_expert` MLP when `config.shared_expert`."""
 
     config: MoEConfig
     ffn: FFNConfig  # every expert's shape: the dense FFN it is upcycled from
@@ -216,8 +235,12 @@ class MoELayer(nn.Module):
         )(self.ffn, self.dtype, name="experts")
         y = nn.with_logical_constraint(experts(buffers), (None, "expert", None, None))
         out = rearrange(combine(y, routing), "g (b t) d -> (g b) t d", b=batch // cfg.num_groups)
+        if cfg.shared_expert:
+            out = out + MLP(self.ffn, self.dtype, name="shared_expert")(x)  # [b, t, d]
         stats = {
             "aux_loss": routing.aux_loss,
+            "z_loss": routing.z_loss,
+            "router_entropy": routing.entropy,
             "expert_load": routing.expert_load,
             "dropped_fraction": routing.dropped_fraction,
         }
