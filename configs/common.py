@@ -149,6 +149,10 @@ def moe_tuning_config(
         "image_root": "",
         "tokenizer": "",
         "eos_token": "<|endoftext|>",  # the chat template's end-of-answer token
+        # Records left out (listed in stageN/skipped.jsonl): more than this fraction of a
+        # source's records bad fails the run at once, showing the first ones.
+        "max_bad_fraction": 0.01,
+        "workers": 0,  # grain worker processes building examples (0: threads of this process)
         "synthetic": {
             "seed": 0,
             "num_train": 4000,

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a stage: params, optimizer state and step, plus the config as JSON.
+"""Orbax checkpoints of a stage: params, optimizer state and step, the data iterator's
+position (grain state, one file per process) and the config as JSON.
 
 Params and optimizer state are separate items so a later stage can `init_from` an earlier
 stage's params alone (its optimizer and even its param tree differ: stage 3 upcycles).
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -24,8 +26,17 @@ def make_manager(
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def save(manager: ocp.CheckpointManager, state: dict, meta: dict, *, force: bool = False) -> bool:
-    """Saves `state` ({"step", "params", "opt_state"}) at its step; async, returns at once."""
+def save(
+    manager: ocp.CheckpointManager,
+    state: dict,
+    data_iterator: grain.DatasetIterator,
+    meta: dict,
+    *,
+    force: bool = False,
+) -> bool:
+    """Saves `state` ({"step", "params", "opt_state"}) at its step, with the position of
+    `data_iterator` after that step's batch. Arrays are written asynchronously; the iterator
+    state is taken now (grain's handler is synchronous), before the next batch is drawn."""
     step = int(jax.device_get(state["step"]))
     return manager.save(
         step,
@@ -33,6 +44,7 @@ def save(manager: ocp.CheckpointManager, state: dict, meta: dict, *, force: bool
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
             opt_state=ocp.args.StandardSave(state["opt_state"]),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave(meta),
         ),
     )
@@ -45,14 +57,18 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     )
 
 
-def restore_state(manager: ocp.CheckpointManager, abstract_state: dict) -> dict:
-    """Restores the latest checkpoint of the manager onto `abstract_state`'s shapes/shardings."""
+def restore_state(
+    manager: ocp.CheckpointManager, abstract_state: dict, data_iterator: grain.DatasetIterator
+) -> dict:
+    """Restores the latest checkpoint of the manager onto `abstract_state`'s shapes/shardings,
+    and moves `data_iterator` (in place) to where that step left the data."""
     step = manager.latest_step()
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state["params"]),
             opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
         ),
     )
     return {

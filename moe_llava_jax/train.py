@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
@@ -29,8 +29,9 @@ from moe_llava_jax.answering import Answerer
 from moe_llava_jax.convert import families, hf
 from moe_llava_jax.data import images as image_ops
 from moe_llava_jax.data.conversation import get_template
-from moe_llava_jax.data.pipeline import Preprocessing, iterate_from, training_batches
+from moe_llava_jax.data.pipeline import MODEL_INPUTS, Preprocessing, SkipLog, training_dataset
 from moe_llava_jax.data.sources import LlavaJsonSource
+from moe_llava_jax.data.tfds_source import tfds_source_from_spec
 from moe_llava_jax.data.synthetic import SyntheticDataset, write_synthetic_dataset
 from moe_llava_jax.data.tokenizer import Tokenizer
 from moe_llava_jax.evaluate import pope, routing
@@ -42,7 +43,6 @@ from moe_llava_jax.models.moe import MoEConfig, moe_layer_indices
 from moe_llava_jax.models.vision import VisionConfig
 from moe_llava_jax.train_step import jit_train_step, make_train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 STAGE_COMMANDS = {
     name: f"python -m moe_llava_jax.train --config=configs/{name}.py"
     for name in ("stage1", "stage2", "stage3")
@@ -199,15 +199,26 @@ class Stage:
             max_length=self.stage_cfg.max_length,
         )
 
-    def batches(self, source: LlavaJsonSource, tokenizer: Tokenizer):
-        """The stage's training batches: `batches[step]` is this process's share of step's."""
-        return training_batches(
+    def skip_log(self, source: LlavaJsonSource, path: Path) -> SkipLog:
+        """Where this stage lists (and counts) the records it leaves out."""
+        return SkipLog(
+            path,
+            source.skipped,
+            source=repr(source),
+            max_bad_fraction=self.config.data.max_bad_fraction,
+        )
+
+    def dataset(self, source: LlavaJsonSource, tokenizer: Tokenizer, skip_log: SkipLog):
+        """The stage's training batches (this process's share of each step's), in order."""
+        return training_dataset(
             source,
             tokenizer,
             get_template(self.stage_cfg.template),
             self.preprocessing(),
+            skip_log,
             global_batch_size=self.stage_cfg.batch_size,
             seed=self.config.seed,
+            workers=self.config.data.workers,
         )
 
     def init_variables(self, rng: jax.Array) -> dict:
@@ -276,11 +287,14 @@ class Stage:
         )
         return upcycle(dense_params, moe_init, jax.random.key(up.seed))
 
-    def initial_state(self, manager) -> dict:
+    def initial_state(self, manager, data_iterator) -> dict:
+        """The latest checkpoint's state (and data position), else step 0 from `init_from`."""
         if manager.latest_step() is not None:
             tqdm.write(f"{self.name}: resuming from step {manager.latest_step()}")
             return checkpoint.restore_state(
-                manager, checkpoint.abstract_like(self.abstract_state, self.state_shardings)
+                manager,
+                checkpoint.abstract_like(self.abstract_state, self.state_shardings),
+                data_iterator,
             )
         params = self.initial_params()
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
@@ -320,30 +334,36 @@ def train_stage(stage: Stage, source: LlavaJsonSource, tokenizer: Tokenizer) -> 
     manager = checkpoint.make_manager(
         checkpoint_dir(config, stage.name), save_interval_steps=cfg.checkpoint_every
     )
-    state = stage.initial_state(manager)
+    skip_log = stage.skip_log(source, stage_dir / "skipped.jsonl")
+    data_iterator = iter(stage.dataset(source, tokenizer, skip_log))
+    state = stage.initial_state(manager, data_iterator)
     start = int(jax.device_get(state["step"]))
     if start < cfg.num_steps:
-        batches = stage.batches(source, tokenizer)
         writer = SummaryWriter(str(stage_dir / "tensorboard"))
         meta = {"stage": stage.name, "config": config.to_json()}
         with (
             open(stage_dir / "metrics.jsonl", "a") as log_file,
             tqdm(total=cfg.num_steps, initial=start, desc=stage.name, unit="step") as bar,
         ):
-            for step, local_batch in zip(range(start, cfg.num_steps), iterate_from(batches, start)):
+            for step, local_batch in zip(range(start, cfg.num_steps), data_iterator):
                 batch = {
-                    k: jax.make_array_from_process_local_data(stage.batch_sharding, v)
-                    for k, v in local_batch.items()
+                    k: jax.make_array_from_process_local_data(stage.batch_sharding, local_batch[k])
+                    for k in MODEL_INPUTS
                 }
                 state, metrics = stage.train_step(state, batch)
                 if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.num_steps:
                     scalars = log_metrics(writer, log_file, step + 1, metrics)
                     bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.1e}")
-                checkpoint.save(manager, state, meta, force=step + 1 == cfg.num_steps)
+                checkpoint.save(
+                    manager, state, data_iterator, meta, force=step + 1 == cfg.num_steps
+                )
                 bar.update(1)
         writer.close()
     manager.wait_until_finished()
     manager.close()
+    if skip_log.entries:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(skip_log.counts().items()))
+        tqdm.write(f"{stage.name}: records left out: {counts} (list: {skip_log.path})")
     return state["params"]
 
 
@@ -396,23 +416,27 @@ def prepare_data(config: ml_collections.ConfigDict) -> tuple[SyntheticDataset, T
 def stage_source(
     config: ml_collections.ConfigDict, name: str, data: SyntheticDataset
 ) -> LlavaJsonSource:
-    """`stageN.data`: 'captions' / 'instruct' (embedded data) or a LLaVA JSON/JSONL path whose
-    image paths are relative to `data.image_root`."""
+    """`stageN.data`: 'captions' / 'instruct' (embedded data), a TFDS dataset
+    (`tfds:NAME/SPLIT@DATA_DIR`, e.g. written by `data.convert_to_tfds`), or a LLaVA JSON/JSONL
+    path whose image paths are relative to `data.image_root`."""
     embedded = {"captions": data.captions_json, "instruct": data.instruct_json}
     spec = config[name].data
+    max_bad = config.data.max_bad_fraction
     if spec in embedded:
-        return LlavaJsonSource(embedded[spec], data.root)
+        return LlavaJsonSource(embedded[spec], data.root, max_bad)
+    if spec.startswith("tfds:"):  # tfds:NAME/SPLIT[@DATA_DIR][?option=value&...]
+        return tfds_source_from_spec(spec)
     if not Path(spec).is_file():
         raise FileNotFoundError(
             f"config key {name}.data={spec!r}: not one of {sorted(embedded)} and not a file"
         )
-    return LlavaJsonSource(spec, config.data.image_root or Path(spec).parent)
+    return LlavaJsonSource(spec, config.data.image_root or Path(spec).parent, max_bad)
 
 
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; the bar shows progress
-    config = _CONFIG.value
+    config = flags.FLAGS.config
     validate_config(config)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -431,8 +455,8 @@ def main(argv) -> None:
             routing.analyse(
                 stage,
                 params,
-                stage.batches(source, tokenizer),
-                tokenizer.pad_id,
+                source,
+                tokenizer,
                 config.routing.num_batches,
                 Path(config.workdir) / name / "routing",
             )
@@ -454,4 +478,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    # Defined only when run as a program: the ablation imports this module with its own flag.
+    config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
     app.run(main)

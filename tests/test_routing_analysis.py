@@ -47,3 +47,12 @@ def test_analyse_checkpoint_writes_json_and_png(tmp_path, micro_config):
     counts = np.asarray(written["top1_counts"])  # [layers, modalities, experts]
     assert counts.sum(axis=-1).tolist() == [list(written["tokens"].values())] * counts.shape[0]
     assert written["tokens"]["image"] == 2 * 8 * 4  # 2 batches x 8 records x 4 image tokens
+    captions = routing.analyse_checkpoint(
+        train.checkpoint_dir(micro_config, "stage3"),
+        tmp_path / "routing_captions",
+        num_batches=2,
+        data=str(data.captions_json),
+        image_root=str(data.root),
+    )
+    assert captions["tokens"]["image"] == 2 * 8 * 4
+    assert captions["tokens"]["text"] != summary["tokens"]["text"]  # other data: other text

@@ -1,6 +1,7 @@
 """Stage scheduler: which leaves train, upcycling, and what a step may touch."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,10 @@ def make_stage(config, name):
 
 
 def first_batch(stage, data, tokenizer):
-    batches = stage.batches(train.stage_source(stage.config, stage.name, data), tokenizer)
-    return {k: jnp.asarray(v) for k, v in batches[0].items()}
+    source = train.stage_source(stage.config, stage.name, data)
+    skip_log = stage.skip_log(source, Path(stage.config.workdir) / "skipped.jsonl")
+    batch = next(iter(stage.dataset(source, tokenizer, skip_log)))
+    return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 def fresh_state(stage):

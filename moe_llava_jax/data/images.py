@@ -21,9 +21,17 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 `[H, W, 3]`, naming the path in every failure."""
-    path = Path(path)
+def load_image(image: str | Path | np.ndarray) -> np.ndarray:
+    """An image file, or an already-decoded array, as RGB uint8 `[H, W, 3]`.
+
+    Arrays come from sources that store the pixels themselves (TFDS / ArrayRecord); they are
+    checked, not converted, so a CHW or float array from a mis-mapped feature fails here
+    rather than as a shape error deep in preprocessing. File failures name the path.
+    """
+    if isinstance(image, np.ndarray):
+        _check_rgb(image)
+        return image
+    path = Path(image)
     if not path.exists():
         raise FileNotFoundError(f"image file not found: {path}")
     try:

@@ -2,7 +2,7 @@
 and plots, as in the MoE-LLaVA paper's routing figures.
 
     python -m moe_llava_jax.evaluate.routing --checkpoint workdir/tiny/stage3/checkpoints \\
-        --out workdir/tiny/stage3/routing --num_batches 8
+        --out workdir/tiny/stage3/routing --num_batches 8 [--data eval.json --image_root DIR]
 
 Runs the checkpoint (eval mode) on its stage's data, records every token's chosen experts in
 each MoE layer, and writes `routing.json` (top-1 and top-k load per layer and modality, token
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -111,43 +112,64 @@ def plot(summary: Mapping, path: str | Path) -> None:
     plt.close(fig)
 
 
-def analyse(stage, params: Mapping, batches, pad_id: int, num_batches: int, out_dir) -> dict:
-    """Routing statistics of `stage`'s model on `batches[:num_batches]` -> summary; writes
-    routing.json and routing.png under `out_dir`. `stage` is a `train.Stage`."""
+def analyse(stage, params: Mapping, source, tokenizer, num_batches: int, out_dir) -> dict:
+    """Routing statistics of `stage`'s model on the first `num_batches` of its training
+    batches from `source` -> summary; writes routing.json and routing.png under `out_dir`.
+    `stage` is a `train.Stage`."""
+    out_dir = Path(out_dir)
     moe = stage.model_cfg.decoder.moe
     if moe is None:
         raise ValueError(f"stage {stage.name!r} has no MoE layers to analyse")
     forward = jax.jit(functools.partial(routing_intermediates, stage.model))
     stats = RoutingStatistics(len(stage.model_cfg.decoder.moe_layers), moe.num_experts)
-    for step in range(num_batches):
-        batch = batches[step]
+    skip_log = stage.skip_log(source, out_dir / "skipped.jsonl")
+    batches = itertools.islice(stage.dataset(source, tokenizer, skip_log), num_batches)
+    for batch in batches:
         intermediates = forward(params, batch["input_ids"], batch["images"])
         choices = expert_choices(intermediates, len(batch["input_ids"]))
-        stats.add(choices, batch["input_ids"], batch["input_ids"] != pad_id)
+        stats.add(choices, batch["input_ids"], batch["input_ids"] != tokenizer.pad_id)
     summary = stats.summary(stage.model_cfg.decoder.moe_layers)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "routing.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out_dir / "routing.png")
     return summary
 
 
-def analyse_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, num_batches: int) -> dict:
+def analyse_checkpoint(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    num_batches: int,
+    data: str | None = None,
+    image_root: str | None = None,
+) -> dict:
+    """`analyse` for a saved stage, on its own training data or on a LLaVA JSON/JSONL `data`
+    file (image paths relative to `image_root`, default: the file's folder)."""
     # Imported here: `train` itself runs `analyse` at the end of a MoE-Tuning run.
     from moe_llava_jax import predict, train
+    from moe_llava_jax.data.sources import LlavaJsonSource
 
     predictor = predict.Predictor(checkpoint_dir)
     stage, config = predictor.stage, predictor.config
-    data, tokenizer = train.prepare_data(config)
-    batches = stage.batches(train.stage_source(config, stage.name, data), tokenizer)
-    return analyse(stage, predictor.params, batches, tokenizer.pad_id, num_batches, out_dir)
+    tokenizer = predictor.tokenizer
+    if data:
+        source = LlavaJsonSource(
+            data, image_root or Path(data).parent, config.data.max_bad_fraction
+        )
+    else:
+        source = train.stage_source(config, stage.name, train.prepare_data(config)[0])
+    return analyse(stage, predictor.params, source, tokenizer, num_batches, out_dir)
 
 
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     out = flags.FLAGS.out or Path(flags.FLAGS.checkpoint).parent / "routing"
-    summary = analyse_checkpoint(flags.FLAGS.checkpoint, out, flags.FLAGS.num_batches)
+    summary = analyse_checkpoint(
+        flags.FLAGS.checkpoint,
+        out,
+        flags.FLAGS.num_batches,
+        flags.FLAGS.data,
+        flags.FLAGS.image_root,
+    )
     print(f"{summary['tokens']} tokens analysed; wrote {out}/routing.json and routing.png")
 
 
@@ -156,6 +178,8 @@ def define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "A stage-3 (MoE) checkpoints directory.")
     flags.DEFINE_string("out", None, "Output folder (default: next to the checkpoints).")
     flags.DEFINE_integer("num_batches", 8, "Batches of the stage's data to analyse.")
+    flags.DEFINE_string("data", None, "LLaVA JSON/JSONL to analyse (default: the stage's data).")
+    flags.DEFINE_string("image_root", None, "Root of --data's image paths (default: its folder).")
 
 
 if __name__ == "__main__":

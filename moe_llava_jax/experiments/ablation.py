@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from moe_llava_jax import sharding, stages, train
@@ -29,7 +29,6 @@ from moe_llava_jax.evaluate import pope, routing
 from moe_llava_jax.models.moe import moe_layer_indices
 
 DENSE = "dense"
-_CONFIG = config_flags.DEFINE_config_file("config", None, "An ablation config file.")
 
 
 def variant_config(
@@ -110,8 +109,8 @@ def run_variant(
         summary = routing.analyse(
             stage,
             params,
-            stage.batches(source, tokenizer),
-            tokenizer.pad_id,
+            source,
+            tokenizer,
             config.routing.num_batches,
             Path(config.workdir) / name / "routing",
         )
@@ -200,13 +199,14 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     start = time.time()
-    config = _CONFIG.value
+    config = flags.FLAGS.config
     # Every variant compiles the same programs: the persistent cache compiles them once.
     jax.config.update("jax_compilation_cache_dir", str(Path(config.workdir) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     run(config)
-    print(f"done in {time.time() - start:.0f}s; workdir: {_CONFIG.value.workdir}")
+    print(f"done in {time.time() - start:.0f}s; workdir: {config.workdir}")
 
 
 if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "An ablation config file.")
     app.run(main)
