@@ -30,7 +30,7 @@ from moe_llava_jax.convert import families, hf
 from moe_llava_jax.data import images as image_ops
 from moe_llava_jax.data.conversation import get_template
 from moe_llava_jax.data.pipeline import MODEL_INPUTS, Preprocessing, SkipLog, training_dataset
-from moe_llava_jax.data.sources import LlavaJsonSource
+from moe_llava_jax.data.sources import ConcatSource, LlavaJsonSource, RecordSource
 from moe_llava_jax.data.tfds_source import tfds_source_from_spec
 from moe_llava_jax.data.synthetic import SyntheticDataset, write_synthetic_dataset
 from moe_llava_jax.data.tokenizer import Tokenizer
@@ -199,7 +199,7 @@ class Stage:
             max_length=self.stage_cfg.max_length,
         )
 
-    def skip_log(self, source: LlavaJsonSource, path: Path) -> SkipLog:
+    def skip_log(self, source: RecordSource, path: Path) -> SkipLog:
         """Where this stage lists (and counts) the records it leaves out."""
         return SkipLog(
             path,
@@ -208,7 +208,7 @@ class Stage:
             max_bad_fraction=self.config.data.max_bad_fraction,
         )
 
-    def dataset(self, source: LlavaJsonSource, tokenizer: Tokenizer, skip_log: SkipLog):
+    def dataset(self, source: RecordSource, tokenizer: Tokenizer, skip_log: SkipLog):
         """The stage's training batches (this process's share of each step's), in order."""
         return training_dataset(
             source,
@@ -327,7 +327,7 @@ def log_metrics(writer: SummaryWriter, log_file, step: int, metrics: dict) -> di
     return scalars
 
 
-def train_stage(stage: Stage, source: LlavaJsonSource, tokenizer: Tokenizer) -> dict:
+def train_stage(stage: Stage, source: RecordSource, tokenizer: Tokenizer) -> dict:
     """Trains `stage` to `num_steps` (resuming if checkpoints exist); returns final params."""
     cfg, config = stage.stage_cfg, stage.config
     stage_dir = Path(config.workdir) / stage.name
@@ -415,12 +415,20 @@ def prepare_data(config: ml_collections.ConfigDict) -> tuple[SyntheticDataset, T
 
 def stage_source(
     config: ml_collections.ConfigDict, name: str, data: SyntheticDataset
-) -> LlavaJsonSource:
-    """`stageN.data`: 'captions' / 'instruct' (embedded data), a TFDS dataset
-    (`tfds:NAME/SPLIT@DATA_DIR`, e.g. written by `data.convert_to_tfds`), or a LLaVA JSON/JSONL
-    path whose image paths are relative to `data.image_root`."""
+) -> RecordSource:
+    """`stageN.data`: one source or several joined by commas (read as one, concatenated):
+    'captions' / 'instruct' (embedded data), a TFDS dataset (`tfds:NAME/SPLIT@DATA_DIR`, e.g.
+    written by `data.convert_to_tfds`), or a LLaVA JSON/JSONL path whose image paths are
+    relative to `data.image_root`."""
+    specs = [spec.strip() for spec in config[name].data.split(",") if spec.strip()]
+    sources = [_one_source(config, name, spec, data) for spec in specs]
+    return sources[0] if len(sources) == 1 else ConcatSource(sources)
+
+
+def _one_source(
+    config: ml_collections.ConfigDict, name: str, spec: str, data: SyntheticDataset
+) -> RecordSource:
     embedded = {"captions": data.captions_json, "instruct": data.instruct_json}
-    spec = config[name].data
     max_bad = config.data.max_bad_fraction
     if spec in embedded:
         return LlavaJsonSource(embedded[spec], data.root, max_bad)
@@ -428,7 +436,8 @@ def stage_source(
         return tfds_source_from_spec(spec)
     if not Path(spec).is_file():
         raise FileNotFoundError(
-            f"config key {name}.data={spec!r}: not one of {sorted(embedded)} and not a file"
+            f"config key {name}.data: {spec!r} is not one of {sorted(embedded)}, not tfds:… "
+            "and not a file"
         )
     return LlavaJsonSource(spec, config.data.image_root or Path(spec).parent, max_bad)
 

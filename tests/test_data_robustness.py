@@ -178,3 +178,15 @@ def test_two_processes_read_disjoint_shards_covering_the_data(
     assert not first_epoch[0] & first_epoch[1]
     good = {i for i in range(len(source)) if kinds[int(source[i]["id"][1:])] not in RUNTIME}
     assert first_epoch[0] | first_epoch[1] == good
+
+
+def test_stage_data_joins_comma_separated_sources(micro_config):
+    data, _ = train.prepare_data(micro_config)
+    sizes = []
+    for spec in ("captions", "instruct", "captions, instruct"):
+        micro_config.stage2.data = spec
+        sizes.append(len(train.stage_source(micro_config, "stage2", data)))
+    assert sizes[2] == sizes[0] + sizes[1]
+    micro_config.stage2.data = "instruct,missing.json"
+    with pytest.raises(FileNotFoundError, match="stage2.data: 'missing.json'"):
+        train.stage_source(micro_config, "stage2", data)

@@ -6,7 +6,7 @@ import os
 import grain
 import pytest
 
-from moe_llava_jax.data.sources import LlavaJsonSource, mixture
+from moe_llava_jax.data.sources import ConcatSource, LlavaJsonSource, mixture
 
 RECORDS = [
     {
@@ -189,3 +189,20 @@ def test_mixture_interleaves_by_weight(tmp_path):
     assert isinstance(mixed, grain.MapDataset)
     items = [x if isinstance(x, str) else x["id"] for x in mixed]
     assert items == ["img-0", "b0", "b1", "text-1", "b2", "b3", 2, "b4", "b5"]
+
+
+def test_concat_source_reads_files_as_one_with_global_indices(tmp_path):
+    a = LlavaJsonSource(_write_json(tmp_path / "a.json", RECORDS), tmp_path)
+    bad = {"id": "bad", "conversations": []}
+    b = LlavaJsonSource(
+        _write_jsonl(tmp_path / "b.jsonl", [bad, RECORDS[1]]), tmp_path, max_bad_fraction=0.5
+    )
+    joined = ConcatSource([a, b])
+    assert len(joined) == 4
+    assert [joined[i]["id"] for i in range(4)] == ["img-0", "text-1", 2, "text-1"]
+    assert [joined[i]["index"] for i in range(4)] == [0, 1, 2, 3]
+    assert joined[-1]["conversations"] == RECORDS[1]["conversations"]
+    assert [e["id"] for e in joined.skipped] == ["bad"]
+    assert "a.json" in repr(joined) and "b.jsonl" in repr(joined)
+    with pytest.raises(IndexError):
+        joined[4]

@@ -15,9 +15,10 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grain
+import numpy as np
 
 from moe_llava_jax.data.conversation import IMAGE_PLACEHOLDER
 from moe_llava_jax.data.jsonl import iter_jsonl
@@ -183,6 +184,41 @@ class LlavaJsonSource:
             f"LlavaJsonSource(path={str(self._path)!r}, "
             f"image_root={str(self._image_root)!r}, size={len(self)})"
         )
+
+
+class RecordSource(Protocol):
+    """What training reads: random access to record dicts (`id`, `image`, `conversations`,
+    `index`) and the records left out when the source was opened."""
+
+    skipped: list[dict]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict: ...
+
+
+class ConcatSource:
+    """Several sources read as one (MoE-LLaVA's stage-2/3 data is such a list of JSON files,
+    concatenated): a grain `RandomAccessDataSource` whose record `index` is the position in
+    the concatenation, with every part's load-time `skipped` entries."""
+
+    def __init__(self, sources: Sequence[RecordSource]) -> None:
+        if not sources:
+            raise ValueError("ConcatSource needs at least one source")
+        self._sources = list(sources)
+        self._starts = np.cumsum([0] + [len(s) for s in self._sources])
+        self.skipped = [entry for s in self._sources for entry in s.skipped]
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        index = range(len(self))[index]
+        part = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return {**self._sources[part][index - int(self._starts[part])], "index": index}
+
+    def __repr__(self) -> str:
+        return f"ConcatSource([{', '.join(map(repr, self._sources))}])"
 
 
 def mixture(sources: Sequence, weights: Sequence[float] | None = None) -> grain.MapDataset:
