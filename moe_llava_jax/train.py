@@ -442,10 +442,9 @@ def _one_source(
     return LlavaJsonSource(spec, config.data.image_root or Path(spec).parent, max_bad)
 
 
-def main(argv) -> None:
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; the bar shows progress
-    config = flags.FLAGS.config
+def run(config: ml_collections.ConfigDict) -> dict:
+    """The run `config` describes: its stages in turn, routing analysis and POPE where asked.
+    Returns the POPE metrics by "stage/split" (also written to workdir/pope.{md,json})."""
     validate_config(config)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -484,6 +483,13 @@ def main(argv) -> None:
         )
         print(table)
     print(f"done in {time.time() - start:.0f}s; workdir: {workdir}")
+    return results
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; the bar shows progress
+    run(flags.FLAGS.config)
 
 
 if __name__ == "__main__":
