@@ -117,6 +117,8 @@ def stage(
             "grad_clip": 1.0,
             "log_every": 10,
             "checkpoint_every": 100,
+            "keep_last": 2,  # checkpoints kept: the last N ...
+            "keep_every": 0,  # ... plus every step divisible by this (0: none)
         }
     )
 
@@ -135,6 +137,16 @@ def moe_tuning_config(
     config.seed = 0
     config.run_stages = run_stages
     config.router_aux_loss_coef = 0.01
+    # Updates with non-finite gradients are skipped; this many in a row saves and stops.
+    config.max_nonfinite_steps = 10
+    # Multi-host (TPU pods, GPU clusters): jax.distributed.initialize() before anything else;
+    # empty address / 0 / -1 = auto-detected (TPU metadata, SLURM, Open MPI).
+    config.distributed = {
+        "enabled": False,
+        "coordinator_address": "",
+        "num_processes": 0,
+        "process_id": -1,
+    }
     config.router_z_loss_coef = 0.0  # ST-MoE router z-loss; the paper has none
     # How stage 3's experts start from stage 2's dense FFN (stages.upcycle): copy (the paper),
     # copy_noise (+ noise_scale * std of each tensor), drop_upcycle (re-init drop_fraction of

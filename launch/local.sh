@@ -5,8 +5,9 @@
 # --dry-run prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-run=""
-if [[ "${1:-}" == "--dry-run" ]]; then run="echo"; shift; fi
+# shellcheck source=launch/common.sh
+source launch/common.sh
+if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
 for stage in stage1 stage2 stage3; do
-  $run python -m moe_llava_jax.train --config="configs/${stage}.py" "$@"
+  run python -m moe_llava_jax.train --config="configs/${stage}.py" "$@"
 done

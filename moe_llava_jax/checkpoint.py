@@ -16,11 +16,20 @@ import orbax.checkpoint as ocp
 
 
 def make_manager(
-    directory: str | Path, *, max_to_keep: int = 2, save_interval_steps: int = 1
+    directory: str | Path,
+    *,
+    save_interval_steps: int = 1,
+    keep_last: int = 2,
+    keep_every: int = 0,
 ) -> ocp.CheckpointManager:
+    """Async saves every `save_interval_steps`; keeps the last `keep_last` checkpoints plus
+    every step divisible by `keep_every` (0: none), e.g. for later evaluation."""
+    policies = [ocp.checkpoint_managers.LatestN(keep_last)]
+    if keep_every:
+        policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
         save_interval_steps=save_interval_steps,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=True,
     )
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)

@@ -1,7 +1,12 @@
-"""Optimizer: warmup + cosine AdamW with clipping on trainable leaves, frozen leaves zeroed.
+"""Optimizer: warmup + cosine AdamW with clipping on trainable leaves, frozen leaves zeroed,
+and updates with non-finite gradients skipped.
 
 `optax.multi_transform` with a 'freeze' -> `set_to_zero()` label keeps no optimizer state for
 frozen leaves (their slots in Adam's mu/nu are `MaskedNode`s) and makes their updates zero.
+`optax.apply_if_finite` turns a step whose gradients hold a NaN/inf into a zero update that
+leaves Adam's state untouched, and counts such steps (`nonfinite_counts`); the trainer stops
+after `max_nonfinite_steps` in a row, so apply_if_finite's own "apply anyway after N" limit
+is set out of reach.
 """
 
 from __future__ import annotations
@@ -38,4 +43,18 @@ def make_optimizer(
         optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
     )
     labels = jax.tree.map(lambda trainable: "train" if trainable else "freeze", mask)
-    return optax.multi_transform({"train": train, "freeze": optax.set_to_zero()}, labels)
+    return optax.apply_if_finite(
+        optax.multi_transform({"train": train, "freeze": optax.set_to_zero()}, labels),
+        max_consecutive_errors=NEVER,
+    )
+
+
+NEVER = 2**31 - 1  # int32 max: apply_if_finite's count never reaches it
+
+
+def nonfinite_counts(opt_state: optax.ApplyIfFiniteState) -> dict[str, jax.Array]:
+    """Skipped steps: in a row up to now, and in total (this run's optimizer state)."""
+    return {
+        "nonfinite_streak": opt_state.notfinite_count,
+        "nonfinite_total": opt_state.total_notfinite,
+    }

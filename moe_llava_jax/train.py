@@ -16,15 +16,14 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
-import numpy as np
 import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from moe_llava_jax import checkpoint, optim, sharding, stages
+from moe_llava_jax import checkpoint, distributed, optim, sharding, stages
 from moe_llava_jax.answering import Answerer
 from moe_llava_jax.convert import families, hf
 from moe_llava_jax.data import images as image_ops
@@ -41,6 +40,8 @@ from moe_llava_jax.models.decoder import DecoderConfig
 from moe_llava_jax.models.lvlm import LVLMConfig, MoELLaVA
 from moe_llava_jax.models.moe import MoEConfig, moe_layer_indices
 from moe_llava_jax.models.vision import VisionConfig
+from moe_llava_jax.metrics_log import StageLog
+from moe_llava_jax.preemption import PreemptionWatch
 from moe_llava_jax.train_step import jit_train_step, make_train_step
 
 STAGE_COMMANDS = {
@@ -302,69 +303,66 @@ class Stage:
         return {"step": step, "params": params, "opt_state": opt_state}
 
 
-# Router statistics with one value per MoE layer ([L_moe]), logged as moe/layer{i}/{key}.
-PER_LAYER_METRICS = ("dropped_fraction", "router_entropy", "router_z_loss")
-
-
-def log_metrics(writer: SummaryWriter, log_file, step: int, metrics: dict) -> dict:
-    """Writes scalars (and per-MoE-layer router statistics) to TensorBoard and a JSONL file."""
-    metrics = jax.device_get(metrics)
-    scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-    for key, value in scalars.items():
-        writer.add_scalar(f"train/{key}", value, step)
-    for layer, load in enumerate(metrics.get("expert_load", [])):
-        for expert, value in enumerate(load):
-            writer.add_scalar(f"moe/layer{layer}/expert{expert}_load", float(value), step)
-    record = {"step": step, **scalars}
-    for key in PER_LAYER_METRICS:
-        for layer, value in enumerate(metrics.get(key, [])):
-            writer.add_scalar(f"moe/layer{layer}/{key}", float(value), step)
-    for key in ("expert_load", *PER_LAYER_METRICS):
-        if key in metrics:
-            record[key] = np.round(metrics[key], 4).tolist()
-    log_file.write(json.dumps(record) + "\n")
-    log_file.flush()
-    return scalars
-
-
 def train_stage(stage: Stage, source: RecordSource, tokenizer: Tokenizer) -> dict:
-    """Trains `stage` to `num_steps` (resuming if checkpoints exist); returns final params."""
+    """Trains `stage` to `num_steps` (resuming if checkpoints exist); returns final params.
+
+    Exits the process (code 0) after checkpointing the current step when preempted; stops
+    with `NonFiniteLossError` after `max_nonfinite_steps` updates in a row were skipped for
+    non-finite gradients (the optimizer skips them, `optim.make_optimizer`)."""
     cfg, config = stage.stage_cfg, stage.config
     stage_dir = Path(config.workdir) / stage.name
     manager = checkpoint.make_manager(
-        checkpoint_dir(config, stage.name), save_interval_steps=cfg.checkpoint_every
+        checkpoint_dir(config, stage.name),
+        save_interval_steps=cfg.checkpoint_every,
+        keep_last=cfg.keep_last,
+        keep_every=cfg.keep_every,
     )
-    skip_log = stage.skip_log(source, stage_dir / "skipped.jsonl")
+    suffix = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
+    skip_log = stage.skip_log(source, stage_dir / f"skipped{suffix}.jsonl")
     data_iterator = iter(stage.dataset(source, tokenizer, skip_log))
     state = stage.initial_state(manager, data_iterator)
     start = int(jax.device_get(state["step"]))
-    if start < cfg.num_steps:
-        writer = SummaryWriter(str(stage_dir / "tensorboard"))
-        meta = {"stage": stage.name, "config": config.to_json()}
-        with (
-            open(stage_dir / "metrics.jsonl", "a") as log_file,
-            tqdm(total=cfg.num_steps, initial=start, desc=stage.name, unit="step") as bar,
-        ):
-            for step, local_batch in zip(range(start, cfg.num_steps), data_iterator):
-                batch = {
-                    k: jax.make_array_from_process_local_data(stage.batch_sharding, local_batch[k])
-                    for k in MODEL_INPUTS
-                }
-                state, metrics = stage.train_step(state, batch)
-                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.num_steps:
-                    scalars = log_metrics(writer, log_file, step + 1, metrics)
-                    bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.1e}")
-                checkpoint.save(
-                    manager, state, data_iterator, meta, force=step + 1 == cfg.num_steps
+    meta = {"stage": stage.name, "config": config.to_json()}
+    with (
+        StageLog(stage_dir, stage.name, start, cfg.num_steps) as log,
+        PreemptionWatch() as preemption,
+    ):
+        for step, local_batch in zip(range(start + 1, cfg.num_steps + 1), data_iterator):
+            batch = {
+                k: jax.make_array_from_process_local_data(stage.batch_sharding, local_batch[k])
+                for k in MODEL_INPUTS
+            }
+            state, metrics = stage.train_step(state, batch)  # state["step"] is now `step`
+            if step % cfg.log_every == 0 or step == cfg.num_steps:
+                log.log(step, metrics)
+            streak = int(metrics["nonfinite_streak"])
+            stop = preemption.should_stop(manager, step)
+            force = step == cfg.num_steps or stop or streak >= config.max_nonfinite_steps
+            checkpoint.save(manager, state, data_iterator, meta, force=force)
+            log.bar.update(1)
+            if streak >= config.max_nonfinite_steps:
+                manager.wait_until_finished()
+                raise NonFiniteLossError(
+                    f"{stage.name}: {streak} steps in a row (up to step {step}) had a non-finite "
+                    f"loss or gradients and were skipped (config key max_nonfinite_steps="
+                    f"{config.max_nonfinite_steps}); checkpoint saved at step {step} holds the "
+                    "weights of the last finite step. Lower the learning rate or check the data; "
+                    f"the losses are in {stage_dir / 'metrics.jsonl'}."
                 )
-                bar.update(1)
-        writer.close()
+            if stop:
+                manager.wait_until_finished()
+                log.message(f"{stage.name}: preempted; checkpoint saved at step {step}, exiting")
+                raise SystemExit(0)
     manager.wait_until_finished()
     manager.close()
     if skip_log.entries:
         counts = ", ".join(f"{n} {reason}" for reason, n in sorted(skip_log.counts().items()))
         tqdm.write(f"{stage.name}: records left out: {counts} (list: {skip_log.path})")
     return state["params"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: too many consecutive steps with non-finite loss or gradients."""
 
 
 def run_pope(
@@ -408,7 +406,11 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> tuple[SyntheticDataset, Tokenizer]:
-    """Writes (or reuses) the embedded dataset under `data.root` (default: workdir/data)."""
+    """Writes (or reuses) the embedded dataset under `data.root` (default: workdir/data).
+    Process 0 writes it; the others wait, then read it (a shared workdir is one folder)."""
+    if jax.process_index() == 0:
+        write_synthetic_dataset(data_root(config), **config.data.synthetic.to_dict())
+    multihost_utils.sync_global_devices("embedded dataset written")
     data = write_synthetic_dataset(data_root(config), **config.data.synthetic.to_dict())
     return data, load_tokenizer(config)
 
@@ -446,11 +448,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
     """The run `config` describes: its stages in turn, routing analysis and POPE where asked.
     Returns the POPE metrics by "stage/split" (also written to workdir/pope.{md,json})."""
     validate_config(config)
+    distributed.initialize(config.distributed)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data, tokenizer = prepare_data(config)
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices")
+    chief = jax.process_index() == 0  # prints and writes run-level files
+    if chief:
+        print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices")
     results = {}
     pope_after = [n for n in config.pope.after.split(",") if n]
     routing_after = [n for n in config.routing.after.split(",") if n]
@@ -473,7 +478,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                 config, stage, params, tokenizer, data.root, data.eval_annotations_json
             ).items():
                 results[f"{name}/{split}"] = metrics
-    if results:
+    if results and chief:
         table = pope.markdown_table(results)
         (workdir / "pope.md").write_text(table + "\n")
         (workdir / "pope.json").write_text(json.dumps(results, indent=2))
@@ -482,7 +487,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
             f"{config.pope.num_per_image} yes + {config.pope.num_per_image} no probes each):"
         )
         print(table)
-    print(f"done in {time.time() - start:.0f}s; workdir: {workdir}")
+    if chief:
+        print(f"done in {time.time() - start:.0f}s; workdir: {workdir}")
     return results
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moe_llava_jax import stages
+from moe_llava_jax import optim, stages
 from moe_llava_jax.data.conversation import IGNORE_INDEX
 
 TrainState = dict[str, Any]  # {"step": int32[], "params": pytree, "opt_state": optax state}
@@ -103,7 +103,11 @@ def make_train_step(
         updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
         trainable_updates, _ = stages.partition(updates, mask)
         new_trainable = optax.apply_updates(trainable, trainable_updates)
-        metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
+        metrics.update(
+            grad_norm=optax.tree.norm(grads),
+            lr=schedule(state["step"]),
+            **optim.nonfinite_counts(opt_state),
+        )
         new_state = {
             "step": state["step"] + 1,
             "params": stages.merge(new_trainable, frozen),

@@ -156,9 +156,9 @@ def test_data_position_is_restored_from_the_checkpoint(micro_config, broken_json
 def test_two_processes_read_disjoint_shards_covering_the_data(
     micro_config, broken_jsonl, monkeypatch, tmp_path
 ):
-    """Process p of 2 reads stream positions p, p + 2, ... (bad records dropped): checked
-    exactly over more than an epoch; the first epoch's shares are disjoint and cover every
-    good record."""
+    """Process p of 2 reads rows [4p, 4p + 4) of every 8-record global batch of the stream
+    (bad records dropped): checked exactly over more than an epoch; the first epoch's shares
+    are disjoint and cover every good record."""
     path, kinds = broken_jsonl
     micro_config.stage2.max_length = 64
     stage, source, tokenizer = _stage(micro_config, path, 8)
@@ -170,9 +170,9 @@ def test_two_processes_read_disjoint_shards_covering_the_data(
         skip_log = stage.skip_log(source, tmp_path / f"skipped_{process}.jsonl")
         batches = iter(stage.dataset(source, tokenizer, skip_log))
         got = np.concatenate([next(batches)["index"] for _ in range(20)]).tolist()  # 80 > 66
-        positions = [
-            p for p in range(process, 400, 2) if kinds[int(stream[p]["id"][1:])] not in RUNTIME
-        ][: len(got)]
+        mine = [(i // 4) * 8 + process * 4 + i % 4 for i in range(400)]
+        positions = [p for p in mine if kinds[int(stream[p]["id"][1:])] not in RUNTIME]
+        positions = positions[: len(got)]
         assert got == [stream[p]["index"] for p in positions]
         first_epoch[process] = {i for i, p in zip(got, positions) if p < len(source)}
     assert not first_epoch[0] & first_epoch[1]

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from moe_llava_jax import sharding, stages, train, train_step
+from moe_llava_jax import metrics_log, sharding, stages, train, train_step
 
 
 def make_stage(config, name):
@@ -147,7 +147,7 @@ def test_log_metrics_writes_router_stats_per_moe_layer(tmp_path):
     }
     writer = Writer()
     with open(tmp_path / "metrics.jsonl", "w") as log_file:
-        train.log_metrics(writer, log_file, 7, metrics)
+        metrics_log.log_metrics(writer, log_file, 7, metrics)
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["router_entropy"] == pytest.approx([1.2, 1.3])
     assert record["router_z_loss"] == [1.0, 2.0]

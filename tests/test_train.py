@@ -28,11 +28,9 @@ def test_resume_mid_stage_continues_step_count_and_schedule(micro_config):
     ckpt_dir = train.checkpoint_dir(micro_config, "stage1")
     shutil.rmtree(ckpt_dir / "4")  # as if the process died after step 3
     run_stage(micro_config, "stage1")
-    resumed = stage_metrics(micro_config, "stage1")[4:]
-    assert [m["step"] for m in resumed] == [3, 4]
-    for before, after in zip(uninterrupted[2:], resumed):
-        assert after["lr"] == before["lr"]
-        assert after["loss"] == pytest.approx(before["loss"], abs=1e-6)
+    # The log is cut back to the checkpoint (step 2), then steps 3-4 are logged again: with
+    # the same data and weights, exactly the uninterrupted run's values.
+    assert stage_metrics(micro_config, "stage1") == uninterrupted
 
 
 def test_three_stages_chain_through_init_from(micro_config):

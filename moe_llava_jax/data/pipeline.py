@@ -115,8 +115,8 @@ def example_or_skip(
     prep: Preprocessing,
 ) -> dict:
     """An example (+ `index`, the record's index in its source, for tracing), or
-    `{"skipped": entry}` for `SkipLog`; `position` = index in this process's record stream,
-    which identifies the occurrence (a record recurs once per epoch)."""
+    `{"skipped": entry}` for `SkipLog`; `position` = index in the (global, shuffled,
+    repeated) record stream, which identifies the occurrence (a record recurs every epoch)."""
     try:
         return {**make_example(record, tokenizer, template, prep), "index": record["index"]}
     except RecordSkipped as error:
@@ -201,23 +201,32 @@ def training_dataset(
 ) -> grain.IterDataset:
     """Infinite dataset of this process's share of each global batch (numpy dicts).
 
-    Epochs are reshuffled with `seed`; process p of n takes records p, p+n, ... of the stream.
+    Epochs are reshuffled with `seed`. Process p of n reads rows [p*B/n, (p+1)*B/n) of every
+    global batch of B consecutive stream records — the rows its devices hold — so a global
+    batch has the same records in the same order whatever the number of processes (as long
+    as no record is skipped), and a multi-host run computes what a single host would.
     Examples are built in `workers` processes (0: reader threads of this process); skip
     markers are filtered (and logged) here, after the workers, in this process.
     """
-    num_processes = jax.process_count()
+    num_processes, process = jax.process_count(), jax.process_index()
     if global_batch_size % num_processes:
         raise ValueError(
             f"batch_size={global_batch_size} is not divisible by {num_processes} processes"
         )
+    local = global_batch_size // num_processes
+    stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+
+    def stream_position(i: int) -> int:  # this process's i-th record -> its stream position
+        return (i // local) * global_batch_size + process * local + i % local
+
     examples = (
-        grain.MapDataset.source(source)
-        .shuffle(seed=seed)
-        .repeat(None)
-        .slice(slice(jax.process_index(), None, num_processes))
-        .map_with_index(lambda i, record: example_or_skip(i, record, tokenizer, template, prep))
+        grain.MapDataset.range(len(stream))
+        .map(stream_position)
+        .map(
+            lambda position: example_or_skip(position, stream[position], tokenizer, template, prep)
+        )
         .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
     )
     if workers:
         examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return examples.filter(skip_log).batch(global_batch_size // num_processes, drop_remainder=True)
+    return examples.filter(skip_log).batch(local, drop_remainder=True)
