@@ -8,7 +8,7 @@ source launch/common.sh
 
 usage() {
   cat <<'EOF'
-Usage: launch/tpu_pod.sh --workdir gs://BUCKET/RUN [options] [-- TRAIN_FLAGS...]
+Usage: launch/tpu_pod.sh --workdir /SHARED/RUN [options] [-- TRAIN_FLAGS...]
 
 Runs MoE-Tuning on a Cloud TPU VM slice, one trainer process per worker (TPU VM host):
   1. packs the repository's HEAD commit (git archive; uncommitted changes stay here)
@@ -22,7 +22,8 @@ Checkpoints and logs go to --workdir. After a preemption, re-run the same comman
 is recreated and every stage resumes from its latest checkpoint in --workdir.
 
 Options (default):
-  --workdir DIR          run directory shared by all workers, gs://BUCKET/RUN (required)
+  --workdir DIR          run directory, one POSIX folder all workers share: a GCS bucket
+                         mounted with gcsfuse, or Filestore/NFS (required)
   --tpu NAME             TPU VM name (moe-llava)
   --zone ZONE            zone (gcloud's compute/zone property)
   --project PROJECT      project (gcloud's core/project property)
@@ -161,10 +162,9 @@ main() {
     esac
     shift
   done
-  [[ -n $WORKDIR ]] || die "--workdir gs://BUCKET/RUN is required (see --help)"
-  if [[ $WORKDIR != gs://* ]]; then
-    echo "warning: --workdir $WORKDIR is not on GCS: it must be one directory all workers share" >&2
-  fi
+  [[ -n $WORKDIR ]] || die "--workdir /SHARED/RUN is required (see --help)"
+  [[ $WORKDIR == /* ]] ||
+    die "--workdir $WORKDIR: give an absolute path every worker sees (mount gs:// buckets with gcsfuse)"
   VERSION=${VERSION:-$(default_version "$ACCELERATOR")}
   git cat-file -e "HEAD:${CONFIG%%:*}" 2>/dev/null ||
     die "${CONFIG%%:*} is not in the HEAD commit, which is what the workers get"

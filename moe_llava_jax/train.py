@@ -56,6 +56,12 @@ def stage_names(config: ml_collections.ConfigDict) -> list[str]:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Fails before any work on values that would fail (or silently misbehave) later."""
+    if "://" in config.workdir:
+        raise ValueError(
+            f"config key workdir={config.workdir!r}: the trainer writes through the file system "
+            "(it appends to its logs); mount the bucket (e.g. gcsfuse at /gcs/BUCKET) on every "
+            "host and give that path"
+        )
     moe = config.model.moe
     if not 1 <= moe.top_k <= moe.num_experts:
         raise ValueError(

@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-TPU_FLAGS = "--tpu pod1 --zone us-west4-a --project proj-1 --workdir gs://bkt/run".split()
+TPU_FLAGS = "--tpu pod1 --zone us-west4-a --project proj-1 --workdir /gcs/bkt/run".split()
 SCOPE = ["--zone=us-west4-a", "--project=proj-1"]
 STEPS = ["describe", "create", "scp", "ssh install", "ssh train", "delete"]  # gcloud, in order
 # A flag with a space and a quote: it must reach the trainer as one argument, unchanged.
@@ -134,7 +134,7 @@ def test_tpu_dry_run_prints_every_step_and_runs_nothing(fakes):
     assert train_argv(gcloud[4]) == [
         "--config=configs/moe_tuning.py",
         "--config.distributed.enabled=True",
-        "--config.workdir=gs://bkt/run",
+        "--config.workdir=/gcs/bkt/run",
         *TRAIN_FLAGS,
     ]
     assert "--worker=all" in gcloud[4] and "--quiet" in gcloud[5]
@@ -196,7 +196,7 @@ def test_tpu_software_version_follows_accelerator(fakes, accelerator, version):
 
 def test_tpu_optional_zone_and_project_are_left_to_gcloud(fakes):
     env, _ = fakes
-    out = tpu(["--workdir", "gs://b/r", "--dry-run"], env).stdout
+    out = tpu(["--workdir", "/gcs/b/r", "--dry-run"], env).stdout
     assert "--zone" not in out and "--project" not in out
     assert "tpu-vm create moe-llava " in out
 
@@ -204,10 +204,11 @@ def test_tpu_optional_zone_and_project_are_left_to_gcloud(fakes):
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([], "--workdir gs://BUCKET/RUN is required"),
+        ([], "--workdir /SHARED/RUN is required"),
         (["--workdir"], "--workdir needs a value"),
-        (["--workdir", "gs://b/r", "--bogus"], "unknown argument: --bogus"),
-        (["--workdir", "gs://b/r", "--config", "configs/nope.py"], "not in the HEAD commit"),
+        (["--workdir", "/gcs/b/r", "--bogus"], "unknown argument: --bogus"),
+        (["--workdir", "/gcs/b/r", "--config", "configs/nope.py"], "not in the HEAD commit"),
+        (["--workdir", "gs://b/r"], "give an absolute path every worker sees"),
     ],
 )
 def test_tpu_bad_arguments_fail_before_any_command(fakes, args, message):

@@ -59,6 +59,8 @@ def test_missing_init_from_names_the_command(micro_config):
         ("stage3.trainable", "everything", "trainable='everything'"),
         ("run_stages", "stage1,stage4", "stage4"),
         ("routing.after", "stage2", "routing.after names 'stage2', which has no MoE"),
+        ("workdir", "gs://bucket/run", "workdir='gs://bucket/run'.*gcsfuse"),
+        ("upcycle.mode", "clone", "upcycle.mode='clone'"),
     ],
 )
 def test_bad_config_values_fail_naming_the_key(micro_config, key, value, match):
