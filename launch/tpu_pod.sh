@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # MoE-Tuning on a Cloud TPU VM slice: every worker runs the same trainer command, joined by
-# jax.distributed. `launch/tpu_pod.sh --help` for the steps and options; docs/launch.md.
+# jax.distributed. `launch/tpu_pod.sh --help` for the steps and options; README "Run on a TPU pod".
 set -euo pipefail
 cd "$(dirname "$0")/.." || exit
 # shellcheck source=launch/common.sh
