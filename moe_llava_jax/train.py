@@ -371,6 +371,14 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped: too many consecutive steps with non-finite loss or gradients."""
 
 
+def analyse_routing(stage: Stage, params: dict, source: RecordSource, tokenizer: Tokenizer):
+    """Expert choices per modality on `config.routing.num_batches` batches of the stage's
+    data -> summary; routing.{json,png} in the stage's `routing/` folder."""
+    out_dir = Path(stage.config.workdir) / stage.name / "routing"
+    num_batches = stage.config.routing.num_batches
+    return routing.analyse(stage, params, source, tokenizer, num_batches, out_dir)
+
+
 def run_pope(
     config: ml_collections.ConfigDict,
     stage: Stage,
@@ -471,14 +479,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         source = stage_source(config, name, data)
         params = train_stage(stage, source, tokenizer)
         if name in routing_after:
-            routing.analyse(
-                stage,
-                params,
-                source,
-                tokenizer,
-                config.routing.num_batches,
-                Path(config.workdir) / name / "routing",
-            )
+            analyse_routing(stage, params, source, tokenizer)
         if name in pope_after:
             for split, metrics in run_pope(
                 config, stage, params, tokenizer, data.root, data.eval_annotations_json

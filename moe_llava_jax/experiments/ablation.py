@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from moe_llava_jax import sharding, stages, train
-from moe_llava_jax.evaluate import pope, routing
+from moe_llava_jax.evaluate import pope
 from moe_llava_jax.models.moe import moe_layer_indices
 
 DENSE = "dense"
@@ -106,14 +106,7 @@ def run_variant(
         ),
     }
     if mode != DENSE:
-        summary = routing.analyse(
-            stage,
-            params,
-            source,
-            tokenizer,
-            config.routing.num_batches,
-            Path(config.workdir) / name / "routing",
-        )
+        summary = train.analyse_routing(stage, params, source, tokenizer)
         result["expert_distance"] = expert_cosine_distance(params)
         result["modality_divergence"] = modality_divergence(summary)
     return result
