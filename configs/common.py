@@ -80,6 +80,9 @@ def tiny_model() -> ml_collections.ConfigDict:
                 "num_groups": 1,
                 "layers": "sparse",
                 "shared_expert": False,  # DeepSeekMoE-style always-on FFN beside the experts
+                # capacity (the paper's: choices over an expert's capacity are dropped) or
+                # dropless (every choice computed, experts as a grouped matmul)
+                "dispatch": "capacity",
             },
         }
     )

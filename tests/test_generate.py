@@ -34,26 +34,12 @@ def tiny_lvlm():
     from flax import linen as nn
 
     from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
-    from moe_llava_jax.models.decoder import DecoderConfig
-    from moe_llava_jax.models.lvlm import LVLMConfig, MoELLaVA
+    from moe_llava_jax.models.lvlm import MoELLaVA
     from moe_llava_jax.models.moe import MoEConfig
-    from moe_llava_jax.models.vision import VisionConfig
+    from tests.tiny_models import tiny_lvlm_config
 
-    vision = VisionConfig(
-        image_size=16, patch_size=8, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
-    )
-    decoder = DecoderConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=48,
-        norm="rmsnorm",
-        partial_rotary_factor=0.5,
-        moe=MoEConfig(layers="0"),
-    )
-    config = LVLMConfig(vision=vision, decoder=decoder)
+    config = tiny_lvlm_config(MoEConfig(layers="0"), partial_rotary_factor=0.5)
+    vision = config.vision
     model = MoELLaVA(config)
     n = vision.num_image_tokens
     rng = np.random.default_rng(0)

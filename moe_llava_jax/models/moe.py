@@ -20,15 +20,23 @@ Router statistics per layer: the aux (balance) loss, the ST-MoE z-loss
 shared expert (DeepSeekMoE) is a dense FFN every token passes through, added to the routed
 output.
 
-Dispatch gathers tokens into `[groups, experts, capacity, embed]` buffers by index and
-combines by index (O(tokens * embed)), instead of one-hot `[tokens, experts, capacity]`
-einsums (O(tokens * experts * capacity * embed)).
+Two dispatch modes (`MoEConfig.dispatch`), same router, gates and statistics:
+- "capacity" (the original's): tokens are gathered into `[groups, experts, capacity, embed]`
+  buffers by index and combined by index (O(tokens * embed)), instead of one-hot
+  `[tokens, experts, capacity]` einsums (O(tokens * experts * capacity * embed)).
+- "dropless": no capacity, no drop (dropped_fraction 0; the gates are those of capacity mode
+  when nothing is dropped). The (token, choice) assignments are sorted by expert and the
+  experts run as one grouped matmul over the sorted rows (`grouped_matmul.py`), so the FLOPs
+  are the routed ones, with no buffer padding to a capacity.
+Both modes read the same expert params [E, ...] (declared by the vmapped `MLP`) and compute
+them with the same `ffn_apply`, so checkpoints and upcycling do not depend on the mode.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -37,9 +45,11 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from moe_llava_jax.models import layers
-from moe_llava_jax.models.mlp import MLP, FFNConfig
+from moe_llava_jax.models.grouped_matmul import grouped_matmul
+from moe_llava_jax.models.mlp import MLP, FFNConfig, ffn_apply
 
 PLACEMENTS = ("sparse", "first_half", "second_half", "dense")
+DISPATCH_MODES = ("capacity", "dropless")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +65,7 @@ class MoEConfig:
     num_groups: int = 1  # tokens of the micro-batch are routed in this many independent groups
     layers: str = "sparse"  # a PLACEMENTS name or comma-separated layer indices, e.g. "0,3"
     shared_expert: bool = False  # an always-on dense FFN added to the routed output
+    dispatch: str = "capacity"  # a DISPATCH_MODES name: "dropless" computes every choice
 
 
 def moe_layer_indices(placement: str, num_layers: int) -> tuple[int, ...]:
@@ -183,9 +194,48 @@ def combine(y: jax.Array, routing: Routing) -> jax.Array:
     return jnp.einsum("gskd,gsk->gsd", picked, routing.gate.astype(y.dtype))
 
 
+def stacked_linear(x: jax.Array, params: Mapping[str, jax.Array]) -> jax.Array:
+    """Every expert's projection on its own buffer: x [g, E, C, a] -> [g, E, C, b]."""
+    y = jnp.einsum("geca,eab->gecb", x, params["kernel"])
+    return y + params["bias"][:, None, :] if "bias" in params else y
+
+
+def dropless_experts(
+    x: jax.Array,
+    routing: Routing,
+    params: Mapping,
+    ffn: FFNConfig,
+    implementation: str | None = None,
+) -> jax.Array:
+    """sum_k gate_k * expert_{e_k}(x) for every token of x [g, s, d] and every choice k.
+
+    The g * s * k assignments are sorted by expert (stable: token order within an expert),
+    run through `ffn_apply` with grouped matmuls (`implementation`: see `grouped_matmul`),
+    put back in assignment order and summed.
+    """
+    groups, tokens, dim = x.shape
+    top_k = routing.expert_index.shape[-1]
+    num_experts = params["wo"]["kernel"].shape[0]
+    expert = routing.expert_index.reshape(-1)  # [(g s k)]
+    order = jnp.argsort(expert, stable=True)  # [(g s k)]: assignments sorted by expert
+    group_sizes = jnp.bincount(expert, length=num_experts)  # [E]
+    row_expert = expert[order]  # [(g s k)], sorted
+
+    def grouped_linear(h: jax.Array, dense: Mapping[str, jax.Array]) -> jax.Array:
+        y = grouped_matmul(h, dense["kernel"], group_sizes, implementation=implementation)
+        return y + dense["bias"][row_expert] if "bias" in dense else y
+
+    rows = x.reshape(groups * tokens, dim)[order // top_k]  # [(g s k), d], sorted
+    y_sorted = ffn_apply(rows, ffn, lambda h, name: grouped_linear(h, params[name]))
+    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)  # unsorted
+    y = rearrange(y, "(g s k) d -> g s k d", g=groups, k=top_k)
+    return jnp.einsum("gskd,gsk->gsd", y, routing.gate.astype(y.dtype))
+
+
 class MoELayer(nn.Module):
-    """Router + E stacked experts (the same `MLP`, vmapped: params [E, ...]), plus the
-    `shared_expert` MLP when `config.shared_expert`."""
+    """Router + E stacked experts (params [E, ...] of the same `MLP`, vmapped), plus the
+    `shared_expert` MLP when `config.shared_expert`; `config.dispatch` picks how the
+    experts run (module docstring)."""
 
     config: MoEConfig
     ffn: FFNConfig  # every expert's shape: the dense FFN it is upcycled from
@@ -194,6 +244,10 @@ class MoELayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, dict]:
         cfg = self.config
+        if cfg.dispatch not in DISPATCH_MODES:
+            raise ValueError(
+                f"config key model.moe.dispatch={cfg.dispatch!r}: expected one of {DISPATCH_MODES}"
+            )
         batch = x.shape[0]
         if batch % cfg.num_groups:
             raise ValueError(
@@ -210,21 +264,25 @@ class MoELayer(nn.Module):
             name="router",
         )
         logits = router(tokens.astype(jnp.float32))  # [g, s, E]
-        capacity = expert_capacity(
-            tokens.shape[1],
-            cfg.num_experts,
-            cfg.top_k,
-            cfg.eval_capacity_factor if deterministic else cfg.capacity_factor,
-            cfg.min_capacity,
-        )
+        if cfg.dispatch == "dropless":
+            # A token picks an expert at most once: s slots per expert drop nothing.
+            capacity = tokens.shape[1]
+        else:
+            capacity = expert_capacity(
+                tokens.shape[1],
+                cfg.num_experts,
+                cfg.top_k,
+                cfg.eval_capacity_factor if deterministic else cfg.capacity_factor,
+                cfg.min_capacity,
+            )
         noise = cfg.eval_second_expert_noise if deterministic else cfg.second_expert_noise
         rng = self.make_rng("gating") if noise and cfg.top_k > 1 else None
         routing = route_top_k(logits, cfg.top_k, capacity, rng)
         # Free unless "intermediates" is mutable: the routing analysis reads it.
         self.sow("intermediates", "expert_index", routing.expert_index)
 
-        buffers = dispatch(tokens, routing, cfg.num_experts, capacity)  # [g, E, C, d]
-        buffers = nn.with_logical_constraint(buffers, (None, "expert", None, None))
+        # The vmapped MLP declares the experts' params [E, ...] (names, init, logical axes:
+        # what checkpoints and upcycling see); both modes then apply them via `ffn_apply`.
         experts = nn.vmap(
             MLP,
             in_axes=1,
@@ -233,8 +291,24 @@ class MoELayer(nn.Module):
             split_rngs={"params": True},
             metadata_params={nn.PARTITION_NAME: "expert"},
         )(self.ffn, self.dtype, name="experts")
-        y = nn.with_logical_constraint(experts(buffers), (None, "expert", None, None))
-        out = rearrange(combine(y, routing), "g (b t) d -> (g b) t d", b=batch // cfg.num_groups)
+        if self.is_initializing():  # one call on a dummy [g=1, E, C=1, d] creates the params
+            experts(jnp.zeros((1, cfg.num_experts, 1, x.shape[-1]), self.dtype))
+        # As nn.Dense does with dtype=self.dtype: compute in self.dtype.
+        params = jax.tree.map(
+            lambda p: jnp.asarray(p, self.dtype), nn.unbox(experts.variables["params"])
+        )
+        tokens = tokens.astype(self.dtype)
+        if cfg.dispatch == "dropless":
+            routed = dropless_experts(tokens, routing, params, self.ffn)  # [g, s, d]
+        else:
+            buffers = dispatch(tokens, routing, cfg.num_experts, capacity)  # [g, E, C, d]
+            buffers = nn.with_logical_constraint(buffers, (None, "expert", None, None))
+            y = ffn_apply(  # [g, E, C, d]
+                buffers, self.ffn, lambda h, name: stacked_linear(h, params[name])
+            )
+            y = nn.with_logical_constraint(y, (None, "expert", None, None))
+            routed = combine(y, routing)  # [g, s, d]
+        out = rearrange(routed, "g (b t) d -> (g b) t d", b=batch // cfg.num_groups)
         if cfg.shared_expert:
             out = out + MLP(self.ffn, self.dtype, name="shared_expert")(x)  # [b, t, d]
         stats = {
