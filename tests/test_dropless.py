@@ -157,3 +157,23 @@ def test_jitted_lvlm_forward_with_dropless_matches_capacity():
         assert np.isfinite(logits[dispatch]).all()
     # Eval capacity factor 2.0 with E = 4, k = 2: C = tokens, nothing dropped in capacity mode.
     np.testing.assert_allclose(logits["dropless"], logits["capacity"], rtol=1e-5, atol=1e-5)
+
+
+def test_moe_tuning_trains_and_analyses_routing_with_dropless(micro_config):
+    """The whole recipe with `model.moe.dispatch=dropless`: stage 3 trains (finite losses,
+    nothing dropped) and the routing analysis reads the dropless layers' choices."""
+    import json
+    from pathlib import Path
+
+    from moe_llava_jax import train
+
+    micro_config.model.moe.dispatch = "dropless"
+    micro_config.routing.after = "stage3"
+    train.run(micro_config)
+    workdir = Path(micro_config.workdir)
+    stage3 = [json.loads(line) for line in (workdir / "stage3" / "metrics.jsonl").open()]
+    assert len(stage3) == 4 and all(np.isfinite(m["loss"]) for m in stage3)
+    assert all(m["dropped_fraction"] == [0.0] for m in stage3)
+    summary = json.loads((workdir / "stage3" / "routing" / "routing.json").read_text())
+    counts = np.asarray(summary["top1_counts"])
+    assert counts.sum(axis=-1).tolist() == [list(summary["tokens"].values())]
