@@ -32,6 +32,12 @@ def tiny_model() -> ml_collections.ConfigDict:
             "llm_from": "",
             "vision_from": "",
             "projector": "mlp2x_gelu",
+            # Compute knobs (same params whatever they say): the decoder's activation/matmul
+            # dtype, float32 | bfloat16 (params stay float32); and what its blocks keep for
+            # the backward pass, none | block (recompute each block) | dots (keep matmul
+            # outputs, recompute the rest).
+            "dtype": "float32",
+            "remat": "none",
             "vision": {
                 "image_size": 64,
                 "patch_size": 16,
@@ -115,6 +121,9 @@ def stage(
             "init_from": init_from,
             "pad_to_square": pad_to_square,
             "max_length": max_length,  # tokens, image placeholders included
+            # batch_size is split into this many micro-batches whose gradients are summed
+            # in the step (same update, 1/grad_accum_steps of the activation memory)
+            "grad_accum_steps": 1,
             "warmup_ratio": 0.03,
             "weight_decay": 0.0,
             "grad_clip": 1.0,
@@ -151,6 +160,9 @@ def moe_tuning_config(
         "process_id": -1,
     }
     config.router_z_loss_coef = 0.0  # ST-MoE router z-loss; the paper has none
+    # Peak FLOP/s of one accelerator (e.g. 989e12: H100 SXM dense bf16) for the logged
+    # `mfu`; 0 = unknown, no mfu (step_time_s and tokens_per_s are logged anyway).
+    config.peak_flops_per_device = 0.0
     # How stage 3's experts start from stage 2's dense FFN (stages.upcycle): copy (the paper),
     # copy_noise (+ noise_scale * std of each tensor), drop_upcycle (re-init drop_fraction of
     # each expert's intermediate channels; Drop-Upcycling) or random (no upcycling).

@@ -1,15 +1,21 @@
-"""A stage's training log: `metrics.jsonl`, TensorBoard and the progress bar, written by
-process 0 only, and kept consistent with the checkpoint a run resumes from.
+"""A stage's training log: `metrics.jsonl`, `throughput.jsonl`, TensorBoard and the progress
+bar, written by process 0 only, and kept consistent with the checkpoint a run resumes from.
 
 A run killed between two checkpoints has logged steps that the resumed run repeats; on
-resume the JSONL keeps only steps <= the resumed step (a half-written last line included)
+resume the JSONLs keep only steps <= the resumed step (a half-written last line included)
 and TensorBoard purges later events, so each step appears once, with the values of the run
 that produced the final weights.
+
+Wall-clock measures (step time, tokens/s, MFU) go to `throughput.jsonl` and TensorBoard's
+`perf/`, not to `metrics.jsonl`: that one holds only what the data and weights determine,
+so a resumed run's file is identical to an uninterrupted run's, bit for bit.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -21,12 +27,15 @@ from tqdm import tqdm
 PER_LAYER_METRICS = ("dropped_fraction", "router_entropy", "router_z_loss")
 
 
-def log_metrics(writer: SummaryWriter, log_file, step: int, metrics: dict) -> dict:
-    """Writes scalars (and per-MoE-layer router statistics) to TensorBoard and a JSONL file."""
+def log_metrics(
+    writer: SummaryWriter, log_file, step: int, metrics: dict, section: str = "train"
+) -> dict:
+    """Writes scalars (TensorBoard: `{section}/{key}`) and per-MoE-layer router statistics
+    to TensorBoard and a JSONL file."""
     metrics = jax.device_get(metrics)
     scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
     for key, value in scalars.items():
-        writer.add_scalar(f"train/{key}", value, step)
+        writer.add_scalar(f"{section}/{key}", value, step)
     for layer, load in enumerate(metrics.get("expert_load", [])):
         for expert, value in enumerate(load):
             writer.add_scalar(f"moe/layer{layer}/expert{expert}_load", float(value), step)
@@ -57,6 +66,51 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     path.write_text("".join(kept))
 
 
+class Throughput:
+    """Step time, tokens/s and MFU from wall-clock time between the loop's per-step syncs.
+
+    The loop already waits for every step's result (it reads `nonfinite_streak`); `tick()`
+    right after that wait marks the step's end, so the timing adds no device sync. The
+    time between two ticks is everything a step costs the run (input pipeline and
+    checkpointing included); the first tick of a run only starts the clock, so the first
+    step's compilation is not counted.
+    """
+
+    def __init__(
+        self,
+        tokens_per_step: int,
+        flops_per_step: float,
+        peak_flops: float,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        """`peak_flops`: of all devices together; 0 = unknown (no "mfu")."""
+        self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
+        self.peak_flops, self.clock = peak_flops, clock
+        self.start: float | None = None  # the tick that opened the current interval
+        self.last = 0.0  # the latest tick
+        self.steps = 0  # steps timed since `start`
+
+    def tick(self) -> None:
+        self.last = self.clock()
+        if self.start is None:
+            self.start = self.last
+        else:
+            self.steps += 1
+
+    def rates(self) -> dict[str, float]:
+        """Means over the steps since the last call ({} before a step has been timed):
+        `step_time_s`, `tokens_per_s` (every position of the padded batch) and `mfu`
+        (model FLOPs per second / `peak_flops`, when it is known)."""
+        if not self.steps:
+            return {}
+        step_time = (self.last - self.start) / self.steps
+        self.start, self.steps = self.last, 0
+        rates = {"step_time_s": step_time, "tokens_per_s": self.tokens_per_step / step_time}
+        if self.peak_flops > 0:
+            rates["mfu"] = self.flops_per_step / step_time / self.peak_flops
+        return rates
+
+
 class StageLog:
     """Context manager: the stage's log from `start` on (process 0 writes; others only run)."""
 
@@ -66,11 +120,13 @@ class StageLog:
 
     def __enter__(self) -> StageLog:
         if self.chief:
-            truncate_jsonl(self.stage_dir / "metrics.jsonl", self.start)
+            for name in ("metrics.jsonl", "throughput.jsonl"):
+                truncate_jsonl(self.stage_dir / name, self.start)
             self.writer = SummaryWriter(
                 str(self.stage_dir / "tensorboard"), purge_step=self.start + 1 or None
             )
             self.file = open(self.stage_dir / "metrics.jsonl", "a")
+            self.throughput_file = open(self.stage_dir / "throughput.jsonl", "a")
         self.bar = tqdm(
             total=self.num_steps,
             initial=self.start,
@@ -80,10 +136,15 @@ class StageLog:
         )
         return self
 
-    def log(self, step: int, metrics: dict) -> None:
+    def log(self, step: int, metrics: dict, rates: dict[str, float]) -> None:
+        """`metrics`: the step's; `rates`: `Throughput.rates()` (may be empty)."""
         if self.chief:
             scalars = log_metrics(self.writer, self.file, step, metrics)
-            self.bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.1e}")
+            postfix = {"loss": f"{scalars['loss']:.3f}", "lr": f"{scalars['lr']:.1e}"}
+            if rates:
+                log_metrics(self.writer, self.throughput_file, step, rates, section="perf")
+                postfix["tok/s"] = f"{rates['tokens_per_s']:.0f}"
+            self.bar.set_postfix(postfix)
 
     def message(self, text: str) -> None:
         if self.chief:
@@ -94,3 +155,4 @@ class StageLog:
         if self.chief:
             self.writer.close()
             self.file.close()
+            self.throughput_file.close()

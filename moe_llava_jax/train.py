@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from moe_llava_jax import checkpoint, distributed, optim, sharding, stages
+from moe_llava_jax import checkpoint, distributed, flops, optim, sharding, stages
 from moe_llava_jax.answering import Answerer
 from moe_llava_jax.convert import families, hf
 from moe_llava_jax.data import images as image_ops
@@ -40,7 +40,7 @@ from moe_llava_jax.models.decoder import DecoderConfig
 from moe_llava_jax.models.lvlm import LVLMConfig, MoELLaVA
 from moe_llava_jax.models.moe import MoEConfig, moe_layer_indices
 from moe_llava_jax.models.vision import VisionConfig
-from moe_llava_jax.metrics_log import StageLog
+from moe_llava_jax.metrics_log import StageLog, Throughput
 from moe_llava_jax.preemption import PreemptionWatch
 from moe_llava_jax.train_step import jit_train_step, make_train_step
 
@@ -90,10 +90,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config key routing.after names {name!r}, which has no MoE layers")
     for name in stage_names(config):
         stages.resolve_rules(config[name].trainable)
-        if config[name].batch_size % moe.num_groups:
+        accum = config[name].grad_accum_steps
+        if accum < 1:
+            raise ValueError(f"config key {name}.grad_accum_steps={accum} must be >= 1")
+        if config[name].batch_size % (moe.num_groups * accum):
             raise ValueError(
-                f"config key {name}.batch_size={config[name].batch_size} is not a "
-                f"multiple of model.moe.num_groups={moe.num_groups}"
+                f"config key {name}.batch_size={config[name].batch_size} is not a multiple of "
+                f"model.moe.num_groups={moe.num_groups} x {name}.grad_accum_steps={accum} "
+                "(each micro-batch is routed in num_groups groups)"
             )
     image_ops.get_image_processor(config.model.image_processor)
 
@@ -124,7 +128,13 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, with_moe: b
         )
     else:
         vision = VisionConfig(**vision_cfg.to_dict())
-    return LVLMConfig(vision=vision, decoder=decoder, projector=config.model.projector)
+    return LVLMConfig(
+        vision=vision,
+        decoder=decoder,
+        projector=config.model.projector,
+        dtype=config.model.dtype,
+        remat=config.model.remat,
+    )
 
 
 def checkpoint_dir(config: ml_collections.ConfigDict, stage: str) -> Path:
@@ -182,6 +192,10 @@ class Stage:
             "opt_state": abstract_opt,
         }
         self.batch_sharding = sharding.batch_sharding(mesh)
+        # Model FLOPs of one step on the padded global batch (MFU, `flops.py`).
+        self.step_flops = flops.train_step_flops(
+            self.model_cfg, self.mask, self.stage_cfg.batch_size, self.stage_cfg.max_length
+        )
         self.train_step = jit_train_step(
             make_train_step(
                 self.model,
@@ -191,6 +205,7 @@ class Stage:
                 aux_loss_coef=config.router_aux_loss_coef,
                 z_loss_coef=config.router_z_loss_coef,
                 seed=config.seed,
+                grad_accum_steps=self.stage_cfg.grad_accum_steps,
             ),
             self.state_shardings,
             self.batch_sharding,
@@ -329,6 +344,11 @@ def train_stage(stage: Stage, source: RecordSource, tokenizer: Tokenizer) -> dic
     state = stage.initial_state(manager, data_iterator)
     start = int(jax.device_get(state["step"]))
     meta = {"stage": stage.name, "config": config.to_json()}
+    throughput = Throughput(
+        tokens_per_step=cfg.batch_size * cfg.max_length,
+        flops_per_step=stage.step_flops.total,
+        peak_flops=config.peak_flops_per_device * jax.device_count(),
+    )
     with (
         StageLog(stage_dir, stage.name, start, cfg.num_steps) as log,
         PreemptionWatch() as preemption,
@@ -339,9 +359,10 @@ def train_stage(stage: Stage, source: RecordSource, tokenizer: Tokenizer) -> dic
                 for k in MODEL_INPUTS
             }
             state, metrics = stage.train_step(state, batch)  # state["step"] is now `step`
+            streak = int(metrics["nonfinite_streak"])  # waits for the step: the loop's sync
+            throughput.tick()
             if step % cfg.log_every == 0 or step == cfg.num_steps:
-                log.log(step, metrics)
-            streak = int(metrics["nonfinite_streak"])
+                log.log(step, metrics, throughput.rates())
             stop = preemption.should_stop(manager, step)
             force = step == cfg.num_steps or stop or streak >= config.max_nonfinite_steps
             checkpoint.save(manager, state, data_iterator, meta, force=force)

@@ -5,6 +5,20 @@ The step differentiates only w.r.t. the trainable params (a flat dict); frozen p
 as constants, so XLA computes no weight gradients for them and returns them untouched. The
 optimizer (`optim.make_optimizer`) still sees the full tree: frozen slots get zero
 gradients that `set_to_zero` ignores (dead code for XLA), and hold no optimizer state.
+
+Gradient accumulation (`grad_accum_steps` = n): the global batch is cut into n micro-batches
+that a `lax.scan` runs one at a time (activation memory of one micro-batch), summing their
+gradients. Each micro-batch's loss is its share of the global batch's loss, so the sum is
+the full-batch gradient:
+- CE: the sum of its answer tokens' CE divided by the *global* batch's answer-token count
+  (micro-batches hold different numbers of answer tokens; a mean of their means would
+  weight tokens unequally);
+- aux and z losses: each micro-batch's (already a mean over its routing groups and tokens)
+  divided by n, i.e. the mean over micro-batches. The z-loss, entropy, loads and dropped
+  fraction are then exactly the full batch's (means over equally sized parts); the aux loss
+  E * sum_e f_e * P_e is a product of means, so it is the full batch's with n times as many
+  routing groups (`moe.num_groups`), which is also how capacity is counted: per group of
+  one micro-batch.
 """
 
 from __future__ import annotations
@@ -24,18 +38,25 @@ TrainState = dict[str, Any]  # {"step": int32[], "params": pytree, "opt_state": 
 Batch = Mapping[str, jax.Array]  # input_ids [b, t] int32, labels [b, t] int32, images [b, H, W, 3]
 
 
-def answer_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token CE over supervised positions: logits[:, i] predicts labels[:, i + 1].
+# Metrics that are a micro-batch's share of the global batch's (summed over micro-batches);
+# the others are means over equally sized micro-batches (averaged).
+SUMMED_METRICS = ("loss", "ce", "answer_tokens")
 
-    Returns (mean CE over the whole global batch's answer tokens, their count).
-    """
-    logits, targets = logits[:, :-1], labels[:, 1:]
-    valid = targets != IGNORE_INDEX
+
+def answer_targets(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Next-token targets [b, t - 1] (labels[:, i + 1], predicted at position i) and where
+    they are supervised (answer tokens)."""
+    targets = labels[:, 1:]
+    return targets, targets != IGNORE_INDEX
+
+
+def answer_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(Sum of the next-token CE over supervised positions, their count)."""
+    targets, valid = answer_targets(labels)
     per_token = optax.softmax_cross_entropy_with_integer_labels(
-        logits, jnp.where(valid, targets, 0)
+        logits[:, :-1], jnp.where(valid, targets, 0)
     )
-    count = valid.sum()
-    return jnp.sum(per_token * valid) / jnp.maximum(count, 1), count
+    return jnp.sum(per_token * valid), valid.sum()
 
 
 def compute_loss(
@@ -47,9 +68,17 @@ def compute_loss(
     deterministic: bool = False,
     *,
     z_loss_coef: float = 0.0,
+    global_answer_tokens: jax.Array | None = None,
+    num_micro_batches: int = 1,
 ) -> tuple[jax.Array, dict]:
     """CE + aux_loss_coef * sum_layers(aux) + z_loss_coef * sum_layers(z); metrics carry the
-    sums and the per-MoE-layer router statistics ([L_moe], expert_load [L_moe, E])."""
+    sums and the per-MoE-layer router statistics ([L_moe], expert_load [L_moe, E]).
+
+    `batch` alone (the defaults): CE is the mean over its answer tokens. `batch` as one of
+    `num_micro_batches` micro-batches of a global batch with `global_answer_tokens` answer
+    tokens: the loss (and "ce", "loss" in the metrics) is this micro-batch's share of the
+    global batch's (module docstring); summed over the micro-batches it is the global loss.
+    """
     logits, moe_stats = model.apply(
         {"params": params},
         batch["input_ids"],
@@ -57,13 +86,16 @@ def compute_loss(
         deterministic=deterministic,
         rngs={"gating": rng},
     )
-    ce, num_tokens = answer_cross_entropy(logits, batch["labels"])
+    ce_sum, num_tokens = answer_cross_entropy(logits, batch["labels"])
+    if global_answer_tokens is None:
+        global_answer_tokens = num_tokens
+    ce = ce_sum / jnp.maximum(global_answer_tokens, 1)
     metrics = {"ce": ce, "answer_tokens": num_tokens}
     loss = ce
     if moe_stats:
         aux = jnp.sum(moe_stats["aux_loss"])  # a sum over MoE layers, as the original
         z = jnp.sum(moe_stats["z_loss"])  # summed over layers like aux
-        loss = loss + aux_loss_coef * aux + z_loss_coef * z
+        loss = loss + aux_loss_coef * aux / num_micro_batches + z_loss_coef * z / num_micro_batches
         metrics.update(
             aux_loss=aux,
             z_loss=z,
@@ -76,6 +108,21 @@ def compute_loss(
     return loss, metrics
 
 
+def split_micro_batches(batch: Batch, num: int) -> Batch:
+    """[B, ...] -> [num, B // num, ...]; micro-batch i holds rows i, i + num, i + 2 num, ...
+
+    Strided, not contiguous: each device's contiguous slice of the data-sharded batch then
+    holds rows of every micro-batch (when its row count is a multiple of `num`), so the scan
+    over micro-batches keeps every device busy without moving the batch between devices.
+    """
+    size = jax.tree.leaves(batch)[0].shape[0]
+    if size % num:
+        raise ValueError(f"batch of {size} rows does not split into {num} micro-batches")
+    return jax.tree.map(
+        lambda x: x.reshape(size // num, num, *x.shape[1:]).swapaxes(0, 1), dict(batch)
+    )
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -85,20 +132,45 @@ def make_train_step(
     aux_loss_coef: float,
     z_loss_coef: float,
     seed: int,
+    grad_accum_steps: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """The un-jitted step; `jit_train_step` adds shardings and donation."""
+    """The un-jitted step; `jit_train_step` adds shardings and donation. With
+    `grad_accum_steps` > 1 the batch's gradient is accumulated over that many micro-batches
+    (module docstring); the update is the same single optimizer step."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        # Gating noise depends only on (seed, step): a resumed run draws the same noise.
-        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
         trainable, frozen = stages.partition(state["params"], mask)
+        global_answer_tokens = answer_targets(batch["labels"])[1].sum()
 
-        def loss_of_trainable(t):
-            return compute_loss(
-                model, stages.merge(t, frozen), batch, rng, aux_loss_coef, z_loss_coef=z_loss_coef
-            )
+        def accumulate(grad_sum: dict, micro: tuple[jax.Array, Batch]) -> tuple[dict, dict]:
+            index, micro_batch = micro
+            # Gating noise depends only on (seed, step, micro-batch): a resumed run draws the
+            # same noise (and without accumulation, the key is the same as before it existed).
+            rng = jax.random.fold_in(jax.random.key(seed), state["step"] * grad_accum_steps + index)
 
-        (_, metrics), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(trainable)
+            def loss_of_trainable(t):
+                return compute_loss(
+                    model,
+                    stages.merge(t, frozen),
+                    micro_batch,
+                    rng,
+                    aux_loss_coef,
+                    z_loss_coef=z_loss_coef,
+                    global_answer_tokens=global_answer_tokens,
+                    num_micro_batches=grad_accum_steps,
+                )
+
+            (_, metrics), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(trainable)
+            return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+        grads, per_micro_batch = jax.lax.scan(
+            accumulate,
+            jax.tree.map(jnp.zeros_like, trainable),
+            (jnp.arange(grad_accum_steps), split_micro_batches(batch, grad_accum_steps)),
+        )
+        metrics = {
+            k: v.sum(0) if k in SUMMED_METRICS else v.mean(0) for k, v in per_micro_batch.items()
+        }
         full_grads = stages.merge(grads, {k: jnp.zeros_like(v) for k, v in frozen.items()})
         updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
         trainable_updates, _ = stages.partition(updates, mask)

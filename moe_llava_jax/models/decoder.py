@@ -3,6 +3,16 @@
 Switches: norm (layernorm | rmsnorm), gated (SwiGLU) or plain GELU MLP, parallel attention+MLP
 sharing one input norm (Phi-2), partial rotary (Phi-2, StableLM), qkv bias (Qwen), GQA, tied
 embeddings. Layers listed by `moe.layers` get an `MoELayer` instead of the dense `MLP`.
+
+Compute knobs (module attributes, not `DecoderConfig` fields: they change how the same
+params are computed, never which params exist):
+- `dtype`: the activations' and matmuls' dtype (e.g. bfloat16); params stay float32 (master
+  weights, cast per use by the layers), norms reduce in float32, attention softmax, router
+  and logits are float32.
+- `remat`: what each block keeps for the backward pass (`REMAT_POLICIES`). "block" keeps only
+  the block's input and recomputes the rest; "dots" also keeps the outputs of matmuls without
+  batch dimensions (the weight projections) and recomputes the cheaper elementwise ops and
+  attention scores. Param names and values are the same under every setting.
 """
 
 from __future__ import annotations
@@ -17,6 +27,13 @@ from moe_llava_jax.models import layers
 from moe_llava_jax.models.attention import Attention
 from moe_llava_jax.models.mlp import MLP, FFNConfig
 from moe_llava_jax.models.moe import MoEConfig, MoELayer, moe_layer_indices
+
+# `model.remat` -> `jax.checkpoint` policy of each decoder block (None: no remat).
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +75,7 @@ class DecoderConfig:
 class DecoderBlock(nn.Module):
     config: DecoderConfig
     use_moe: bool
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -69,7 +87,7 @@ class DecoderBlock(nn.Module):
         decode: bool = False,
     ) -> tuple[jax.Array, dict | None]:
         cfg = self.config
-        h = layers.norm(cfg.norm, cfg.norm_eps, name="input_norm")(x)
+        h = layers.norm(cfg.norm, cfg.norm_eps, name="input_norm", dtype=self.dtype)(x)
         attn = Attention(
             cfg.num_heads,
             cfg.num_kv_heads,
@@ -79,39 +97,53 @@ class DecoderBlock(nn.Module):
             causal=True,
             rotary_dim=cfg.rotary_dim,
             rope_theta=cfg.rope_theta,
+            dtype=self.dtype,
             name="attn",
         )(h, positions, valid, decode)
         if not cfg.parallel_block:
             x = x + attn
-            h = layers.norm(cfg.norm, cfg.norm_eps, name="post_attn_norm")(x)
+            h = layers.norm(cfg.norm, cfg.norm_eps, name="post_attn_norm", dtype=self.dtype)(x)
         ffn_cfg = FFNConfig(
             cfg.hidden_size, cfg.intermediate_size, cfg.activation, cfg.gated_mlp, cfg.mlp_bias
         )
         stats = None
         if self.use_moe:
-            ffn, stats = MoELayer(cfg.moe, ffn_cfg, name="moe")(h, deterministic)
+            ffn, stats = MoELayer(cfg.moe, ffn_cfg, self.dtype, name="moe")(h, deterministic)
         else:
-            ffn = MLP(ffn_cfg, name="mlp")(h)
+            ffn = MLP(ffn_cfg, self.dtype, name="mlp")(h)
         x = x + attn + ffn if cfg.parallel_block else x + ffn
         return x, stats
 
 
 class Decoder(nn.Module):
     config: DecoderConfig
+    dtype: jnp.dtype = jnp.float32  # compute dtype (module docstring)
+    remat: str = "none"  # a REMAT_POLICIES name
 
     def setup(self):
         cfg = self.config
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"config key model.remat={self.remat!r}: expected one of {tuple(REMAT_POLICIES)}"
+            )
         self.embed_tokens = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
+            dtype=self.dtype,
             embedding_init=layers.logical_init(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
+        block = DecoderBlock
+        if self.remat != "none":
+            # Arguments 4, 5 (self = 0) are the Python bools `deterministic` and `decode`.
+            block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(4, 5))
         moe_layers = set(cfg.moe_layers)
-        self.layers = [DecoderBlock(cfg, use_moe=i in moe_layers) for i in range(cfg.num_layers)]
-        self.final_norm = layers.norm(cfg.norm, cfg.norm_eps)
+        self.layers = [
+            block(cfg, use_moe=i in moe_layers, dtype=self.dtype) for i in range(cfg.num_layers)
+        ]
+        self.final_norm = layers.norm(cfg.norm, cfg.norm_eps, dtype=self.dtype)
         if not cfg.tie_embeddings:
             self.lm_head = layers.dense(
-                cfg.vocab_size, ("embed", "vocab"), use_bias=cfg.lm_head_bias
+                cfg.vocab_size, ("embed", "vocab"), use_bias=cfg.lm_head_bias, dtype=self.dtype
             )
 
     def embed(self, input_ids: jax.Array) -> jax.Array:

@@ -20,11 +20,21 @@ from moe_llava_jax.models.projector import Projector
 from moe_llava_jax.models.vision import VisionConfig, VisionTower
 
 
+# `model.dtype` values: the decoder's compute dtype. No float16: it would need loss scaling.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class LVLMConfig:
+    """`dtype` and `remat` apply to the decoder (see `models/decoder.py`), where nearly all
+    of a step's FLOPs and activation memory are; the vision tower and the projector compute
+    in float32 whatever `dtype` says (their image features are cast when spliced in)."""
+
     vision: VisionConfig
     decoder: DecoderConfig
     projector: str = "mlp2x_gelu"
+    dtype: str = "float32"  # a COMPUTE_DTYPES name
+    remat: str = "none"  # a decoder.REMAT_POLICIES name
 
 
 def splice_image_features(
@@ -46,7 +56,13 @@ class MoELLaVA(nn.Module):
     def setup(self):
         self.vision = VisionTower(self.config.vision)
         self.projector = Projector(self.config.projector, self.config.decoder.hidden_size)
-        self.decoder = Decoder(self.config.decoder)
+        if self.config.dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"config key model.dtype={self.config.dtype!r}: expected one of {COMPUTE_DTYPES}"
+            )
+        self.decoder = Decoder(
+            self.config.decoder, dtype=jnp.dtype(self.config.dtype), remat=self.config.remat
+        )
 
     def __call__(
         self,
