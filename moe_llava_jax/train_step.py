@@ -13,12 +13,14 @@ the full-batch gradient:
 - CE: the sum of its answer tokens' CE divided by the *global* batch's answer-token count
   (micro-batches hold different numbers of answer tokens; a mean of their means would
   weight tokens unequally);
-- aux and z losses: each micro-batch's (already a mean over its routing groups and tokens)
-  divided by n, i.e. the mean over micro-batches. The z-loss, entropy, loads and dropped
-  fraction are then exactly the full batch's (means over equally sized parts); the aux loss
-  E * sum_e f_e * P_e is a product of means, so it is the full batch's with n times as many
-  routing groups (`moe.num_groups`), which is also how capacity is counted: per group of
-  one micro-batch.
+- aux and z losses: each micro-batch's (a mean over its routing groups / tokens) divided
+  by n, i.e. their mean over the micro-batches.
+Routing sees one micro-batch at a time: its `moe.num_groups` groups, each with its own
+capacity, and its own gating noise. So the step equals the full-batch step of the model
+with n x num_groups routing groups (micro-batch i = rows i, i + n, ...; tested), and the
+logged router statistics (means over equally sized groups, averaged over micro-batches) are
+that model's. The aux loss E * sum_e f_e * P_e is a product of per-group means, which is
+why it is not the n = 1 model's. With n = 1 the step is the one without accumulation.
 """
 
 from __future__ import annotations

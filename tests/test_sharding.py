@@ -18,8 +18,8 @@ SCRIPT = textwrap.dedent("""
     from jax.sharding import AxisType
     import ml_collections
     from moe_llava_jax import sharding, stages, train
-    sys.path.insert(0, "tests")
-    from test_stages import first_batch
+    sys.path.insert(0, ".")
+    from tests.helpers import first_batch
 
     config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
     data, tokenizer = train.prepare_data(config)

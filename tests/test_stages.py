@@ -1,7 +1,6 @@
 """Stage scheduler: which leaves train, upcycling, and what a step may touch."""
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,20 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from moe_llava_jax import metrics_log, sharding, stages, train, train_step
-
-
-def make_stage(config, name):
-    data, tokenizer = train.prepare_data(config)
-    mesh = sharding.make_mesh(config.mesh.to_dict())
-    return train.Stage(config, name, mesh, tokenizer.vocab_size), data, tokenizer
-
-
-def first_batch(stage, data, tokenizer):
-    source = train.stage_source(stage.config, stage.name, data)
-    skip_log = stage.skip_log(source, Path(stage.config.workdir) / "skipped.jsonl")
-    batch = next(iter(stage.dataset(source, tokenizer, skip_log)))
-    return {k: jnp.asarray(v) for k, v in batch.items()}
+from moe_llava_jax import metrics_log, stages, train_step
+from tests.helpers import first_batch, make_stage
 
 
 def fresh_state(stage):

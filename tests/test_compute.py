@@ -1,0 +1,280 @@
+"""Compute knobs: gradient accumulation, remat, bf16, the FLOP counter and throughput logs."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from moe_llava_jax import flops, metrics_log, sharding, stages, train, train_step
+from moe_llava_jax.models.lvlm import MoELLaVA
+from moe_llava_jax.models.moe import MoEConfig
+from tests.tiny_models import tiny_lvlm_config
+from tests.helpers import first_batch, make_stage
+
+
+def sgd_step(stage, grad_accum_steps):
+    """The stage's step with SGD at learning rate 1: new params = params - gradient, so
+    comparing params compares gradients (Adam's first step is ~lr * sign(g) whatever
+    the gradient's scale, which would hide a wrongly weighted sum)."""
+    tx = optax.apply_if_finite(optax.sgd(1.0), 10)
+    step = train_step.make_train_step(
+        stage.model,
+        tx,
+        stage.mask,
+        stage.schedule,
+        aux_loss_coef=0.01,
+        z_loss_coef=0.001,  # exercises the z-loss's split too
+        seed=0,
+        grad_accum_steps=grad_accum_steps,
+    )
+
+    def run(params, batch):
+        state = {"step": jnp.ones((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        new_state, metrics = jax.jit(step)(state, batch)
+        return stages.flatten(new_state["params"]), metrics
+
+    return run
+
+
+def assert_trees_close(actual, expected, **tolerance):
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(actual[key], expected[key], err_msg=key, **tolerance)
+
+
+def test_grad_accumulation_equals_the_full_batch_step(micro_config):
+    stage, data, tokenizer = make_stage(micro_config, "stage2")  # dense, decoder trains
+    batch = first_batch(stage, data, tokenizer)
+    # The micro-batches (rows 0, 2, .. and 1, 3, ..) must hold different answer-token
+    # counts, or a mean of per-micro-batch means would pass too.
+    counts = [int(train_step.answer_targets(batch["labels"][i::2])[1].sum()) for i in (0, 1)]
+    assert counts[0] != counts[1]
+    params = stage.fresh_params()
+    full, full_metrics = sgd_step(stage, 1)(params, batch)
+    accumulated, metrics = sgd_step(stage, 2)(params, batch)
+    assert_trees_close(accumulated, full, atol=1e-5, rtol=1e-5)
+    for key in ("loss", "ce", "answer_tokens", "grad_norm"):
+        np.testing.assert_allclose(metrics[key], full_metrics[key], rtol=1e-5, err_msg=key)
+    changed = [k for k in full if not np.array_equal(full[k], stages.flatten(params)[k])]
+    assert any(k.startswith("decoder/") for k in changed)
+
+
+def test_moe_grad_accumulation_equals_full_batch_with_as_many_routing_groups(micro_config):
+    """n micro-batches of G routing groups each = the full batch in n * G groups (the same
+    tokens per group, so the same capacity and drops) when the groups hold the same rows:
+    micro-batch i is rows i, i + n, ..., so the full batch is reordered to match."""
+    micro_config.model.moe.second_expert_noise = False  # routing depends on params only
+    micro_config.model.moe.capacity_factor = 1.0  # some choices drop: equal drops tested too
+    accumulating, data, tokenizer = make_stage(micro_config, "stage3")
+    micro_config.model.moe.num_groups = 2
+    grouped, _, _ = make_stage(micro_config, "stage3")
+    batch = first_batch(accumulating, data, tokenizer)
+    reordered = {k: jnp.concatenate([v[0::2], v[1::2]]) for k, v in batch.items()}
+    params = accumulating.fresh_params()
+    accumulated, metrics = sgd_step(accumulating, 2)(params, batch)
+    expected, expected_metrics = sgd_step(grouped, 1)(params, reordered)
+    assert float(expected_metrics["dropped_fraction"].max()) > 0
+    assert_trees_close(accumulated, expected, atol=1e-5, rtol=1e-5)
+    for key in ("loss", "ce", "aux_loss", "z_loss", "expert_load", "dropped_fraction"):
+        np.testing.assert_allclose(metrics[key], expected_metrics[key], rtol=1e-5, err_msg=key)
+
+
+@pytest.fixture
+def moe_stage_batch(micro_config):
+    stage, data, tokenizer = make_stage(micro_config, "stage3")
+    return micro_config, first_batch(stage, data, tokenizer), stage.fresh_params()
+
+
+def loss_and_grads(config, name, params, batch):
+    stage, _, _ = make_stage(config, name)
+
+    def loss(p):
+        return train_step.compute_loss(stage.model, p, batch, jax.random.key(1), 0.01)[0]
+
+    fn = jax.value_and_grad(loss)
+    return jax.jit(fn)(params), str(jax.make_jaxpr(fn)(params))
+
+
+@pytest.mark.parametrize(
+    "policy,shown_as",
+    [("block", "policy=<function nothing_saveable"), ("dots", "only_if_no_batch_dims=True")],
+    ids=["block", "dots"],
+)
+def test_remat_gives_the_same_loss_and_gradients(moe_stage_batch, policy, shown_as):
+    config, batch, params = moe_stage_batch  # MoE with gating noise: the rng is replayed
+    (loss, grads), plain_jaxpr = loss_and_grads(config, "stage3", params, batch)
+    config.model.remat = policy
+    (remat_loss, remat_grads), jaxpr = loss_and_grads(config, "stage3", params, batch)
+    assert "remat" not in plain_jaxpr
+    assert jaxpr.count(shown_as) == config.model.decoder.num_layers  # one per block
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+    assert_trees_close(stages.flatten(remat_grads), stages.flatten(grads), atol=1e-6, rtol=1e-6)
+
+
+def test_bfloat16_step_trains_float32_master_weights(micro_config):
+    stage, data, tokenizer = make_stage(micro_config, "stage2")
+    batch = first_batch(stage, data, tokenizer)
+    params = stage.fresh_params()
+    micro_config.model.dtype = "bfloat16"
+    bf16_stage, _, _ = make_stage(micro_config, "stage2")
+
+    def forward(s):
+        return lambda p: s.model.apply({"params": p}, batch["input_ids"], batch["images"])[0]
+
+    assert "bf16" in str(jax.make_jaxpr(forward(bf16_stage))(params))
+    assert "bf16" not in str(jax.make_jaxpr(forward(stage))(params))
+    assert jax.eval_shape(forward(bf16_stage), params).dtype == jnp.float32  # logits, for CE
+
+    def one_step(s):
+        state = {"step": jnp.ones((), jnp.int32), "params": params, "opt_state": s.tx.init(params)}
+        return s.train_step(jax.tree.map(jnp.copy, state), batch)  # donates its copy
+
+    _, fp32_metrics = one_step(stage)
+    state, metrics = one_step(bf16_stage)
+    loss, fp32_loss = float(metrics["loss"]), float(fp32_metrics["loss"])
+    assert np.isfinite(loss) and loss != fp32_loss
+    assert loss == pytest.approx(fp32_loss, rel=0.02)
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
+    adam_moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim]
+    assert adam_moments and {x.dtype for x in adam_moments} == {jnp.dtype(jnp.float32)}
+
+
+# A hand-counted config: tiny_lvlm_config with a 1-layer decoder whose FFN is an MoE
+# (E=4, k=2), batch b=2 rows of t=12 tokens. FLOPs = 2 x multiply-adds, matmuls only.
+# Vision (16 px, 8 px patches: P=4 patches + CLS = 5 tokens, width 16, MLP 32; select_layer
+# -2 of 2 layers runs 1 block):
+#   patch embedding  2 b P (8*8*3) 16        = 2*2*4*192*16        =  49152
+#   attention proj.  2 b 5 (16*16) * 4       = 2*2*5*256*4         =  20480
+#   attention scores 2 * 2 b 5^2 16          = 4*2*25*16           =   3200
+#   MLP              2 b 5 (16*32) * 2       = 2*2*5*512*2         =  20480
+# Projector (mlp2x: 16 -> 32 -> 32 on the 4 patch tokens): 2 b 4 (16*32 + 32*32) = 24576
+# Decoder (N = b t = 24 tokens, d=32, 4 heads of 8 (q, o: 32 wide), 2 kv heads (k, v: 16
+# wide), F=48 gated, vocab 40):
+#   attention proj.  2 N 32 (32 + 16 + 16 + 32) = 2*24*32*96        = 147456
+#   attention scores 2 * 2 b t^2 (4*8)       = 4*2*144*32          =  36864
+#   router           2 N d E                 = 2*24*32*4           =   6144
+#   2 active experts 2 * 2 N (3 d F)         = 2*2*24*3*32*48      = 442368  (all 4: 884736)
+#   LM head          2 N d V                 = 2*24*32*40          =  61440
+VISION_FWD = 49152 + 20480 + 3200 + 20480
+PROJECTOR_FWD = 24576
+ATTN_W, ATTN_SCORES, MOE_FWD, HEAD_FWD = 147456, 36864, 6144 + 442368, 61440
+FORWARD = VISION_FWD + PROJECTOR_FWD + ATTN_W + ATTN_SCORES + MOE_FWD + HEAD_FWD
+
+
+def counted(preset, **moe_fields):
+    config = tiny_lvlm_config(MoEConfig(num_experts=4, top_k=2, layers="dense"))
+    config = dataclasses.replace(
+        config,
+        decoder=dataclasses.replace(
+            config.decoder, num_layers=1, moe=dataclasses.replace(config.decoder.moe, **moe_fields)
+        ),
+    )
+    ids = jnp.zeros((2, 12), jnp.int32)
+    images = jnp.zeros((2, 16, 16, 3))
+    abstract = jax.eval_shape(
+        lambda: MoELLaVA(config).init({"params": jax.random.key(0)}, ids, images)
+    )["params"]
+    mask = stages.trainable_mask(abstract, preset)
+    return flops.train_step_flops(config, mask, batch=2, seq=12)
+
+
+@pytest.mark.parametrize(
+    "preset,backward",
+    [
+        # Only the MoE FFN trains: weight grads + activation grads for it (2x), activation
+        # grads through the LM head above it (1x); nothing below it needs gradients.
+        ("stage3_paper", 2 * MOE_FWD + HEAD_FWD),
+        # Projector + decoder train: every unit from the projector up costs 2x its forward
+        # again (scores 2x as well); the frozen tower only its forward.
+        ("stage2", 2 * (PROJECTOR_FWD + ATTN_W + ATTN_SCORES + MOE_FWD + HEAD_FWD)),
+        # Only the projector trains: its weight + activation grads, and activation grads
+        # (1x weights, 2x scores) through the whole frozen decoder above it.
+        ("stage1", 2 * PROJECTOR_FWD + ATTN_W + 2 * ATTN_SCORES + MOE_FWD + HEAD_FWD),
+    ],
+)
+def test_flops_match_the_hand_count(preset, backward):
+    step = counted(preset)
+    assert step.forward == FORWARD == 812160
+    assert step.backward == backward
+
+
+def test_moe_flops_count_the_k_routed_experts_not_all():
+    base = counted("stage3_paper")
+    more_experts = counted("stage3_paper", num_experts=8)
+    assert more_experts.forward - base.forward == 2 * 24 * 32 * 4  # the router's 4 new columns
+    assert base.forward - counted("stage3_paper", top_k=1).forward == 442368 // 2
+    assert counted("stage3_paper", shared_expert=True).forward - base.forward == 442368 // 2
+
+
+def test_flops_refuse_a_mask_with_params_no_unit_owns():
+    config = tiny_lvlm_config(MoEConfig(layers="dense"))
+    with pytest.raises(ValueError, match="decoder/extra/kernel"):
+        flops.train_step_flops(config, {"decoder/extra/kernel": True}, batch=2, seq=12)
+
+
+def test_throughput_times_steps_between_ticks_without_the_first():
+    times = iter([100.0, 102.0, 104.0, 106.0, 109.0])
+    meter = metrics_log.Throughput(
+        tokens_per_step=1000, flops_per_step=4e9, peak_flops=1e10, clock=lambda: next(times)
+    )
+    meter.tick()  # step 1 (compilation): starts the clock only
+    assert meter.rates() == {}
+    for _ in range(3):
+        meter.tick()
+    assert meter.rates() == pytest.approx({"step_time_s": 2.0, "tokens_per_s": 500.0, "mfu": 0.2})
+    assert meter.rates() == {}  # nothing new since
+    meter.tick()
+    assert meter.rates()["step_time_s"] == pytest.approx(3.0)
+    unknown_peak = metrics_log.Throughput(10, 1.0, peak_flops=0.0, clock=iter([0.0, 1.0]).__next__)
+    unknown_peak.tick()
+    unknown_peak.tick()
+    assert set(unknown_peak.rates()) == {"step_time_s", "tokens_per_s"}
+
+
+def test_stage_logs_throughput_and_trains_with_accumulation(micro_config):
+    micro_config.peak_flops_per_device = 1e12
+    micro_config.stage1.grad_accum_steps = 2
+    stage, data, tokenizer = make_stage(micro_config, "stage1")
+    train.train_stage(stage, train.stage_source(micro_config, "stage1", data), tokenizer)
+    stage_dir = Path(micro_config.workdir) / "stage1"
+    metrics, rates = (
+        [json.loads(line) for line in (stage_dir / name).read_text().splitlines()]
+        for name in ("metrics.jsonl", "throughput.jsonl")
+    )
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and "step_time_s" not in r for r in metrics)
+    assert [r["step"] for r in rates] == [2, 3, 4]  # step 1 compiles: not timed
+    tokens = micro_config.stage1.batch_size * micro_config.stage1.max_length
+    for record in rates:
+        assert record["tokens_per_s"] == pytest.approx(tokens / record["step_time_s"])
+        expected_mfu = stage.step_flops.total / record["step_time_s"] / 1e12
+        assert record["mfu"] == pytest.approx(expected_mfu / jax.device_count())
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("stage1.grad_accum_steps", 3, r"stage1.batch_size=8 is not a multiple.*grad_accum"),
+        ("stage1.grad_accum_steps", 0, r"stage1.grad_accum_steps=0 must be >= 1"),
+    ],
+)
+def test_bad_accumulation_fails_naming_the_key(micro_config, key, value, match):
+    stage_name, leaf = key.split(".")
+    micro_config[stage_name][leaf] = value
+    with pytest.raises(ValueError, match=match):
+        train.validate_config(micro_config)
+
+
+@pytest.mark.parametrize(
+    "key,value", [("remat", "everything"), ("dtype", "float16")], ids=["remat", "dtype"]
+)
+def test_bad_compute_knobs_fail_naming_the_key(micro_config, key, value):
+    micro_config.model[key] = value
+    mesh = sharding.make_mesh(micro_config.mesh.to_dict())
+    with pytest.raises(ValueError, match=f"model.{key}='{value}'"):
+        train.Stage(micro_config, "stage1", mesh, 300)
