@@ -71,3 +71,20 @@ def test_bad_config_values_fail_naming_the_key(micro_config, key, value, match):
     target[leaf] = value
     with pytest.raises(ValueError, match=match.replace("(", r"\(")):
         train.validate_config(micro_config)
+
+
+def test_non_finite_updates_are_skipped_then_the_run_saves_and_stops(micro_config):
+    """A learning rate of 1e30 blows the weights up after the first real update; from then on
+    every gradient is non-finite: those updates are skipped (weights stay as they were) and
+    counted, and after `max_nonfinite_steps` in a row the stage saves and stops."""
+    micro_config.stage1.update(lr=1e30, num_steps=12, warmup_ratio=0.0)
+    micro_config.max_nonfinite_steps = 3
+    with pytest.raises(train.NonFiniteLossError, match=r"3 steps in a row \(up to step (\d+)\)"):
+        run_stage(micro_config, "stage1")
+    logged = stage_metrics(micro_config, "stage1")
+    streaks = [m["nonfinite_streak"] for m in logged]
+    last = logged[-1]["step"]
+    assert streaks[-3:] == [1, 2, 3] and logged[-1]["nonfinite_total"] == 3
+    assert last < 12  # stopped early
+    ckpt = train.checkpoint_dir(micro_config, "stage1")
+    assert last in [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]
