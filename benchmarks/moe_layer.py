@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_llava_jax.models import moe
+from moe_llava_jax.models.dropless import dropless_experts
 from moe_llava_jax.models.grouped_matmul import default_implementation
 from moe_llava_jax.models.mlp import MLP, FFNConfig, ffn_apply
 
@@ -141,7 +142,16 @@ def main() -> None:
     if kernel != "ragged_dot":
 
         def ragged(params, tokens, routing):
-            return moe.dropless_experts(tokens, routing, params, ffn, "ragged_dot")
+            y = dropless_experts(
+                tokens[0],
+                routing.expert_index[0],
+                routing.gate[0],
+                params,
+                ffn,
+                num_experts,
+                implementation="ragged_dot",
+            )
+            return y[None]
 
         steps["dropless (ragged_dot)"] = train_step(
             routed_apply(num_experts, ffn, ragged), params, x

@@ -150,6 +150,12 @@ class Stage:
         self.config, self.name, self.mesh = config, name, mesh
         self.stage_cfg = config[name]
         self.model_cfg = model_config(config, vocab_size, self.stage_cfg.moe)
+        expert_devices = mesh.shape.get("expert", 1)
+        if self.stage_cfg.moe and config.model.moe.num_experts % expert_devices:
+            raise ValueError(
+                f"config key model.moe.num_experts={config.model.moe.num_experts} does not "
+                f"split over the mesh's {expert_devices} expert devices (config key mesh.expert)"
+            )
         self.model = MoELLaVA(self.model_cfg)
         batch = config.model.moe.num_groups
         self.dummy = (
@@ -495,17 +501,19 @@ def run(config: ml_collections.ConfigDict) -> dict:
     pope_after = [n for n in config.pope.after.split(",") if n]
     routing_after = [n for n in config.routing.after.split(",") if n]
     start = time.time()
-    for name in stage_names(config):
-        stage = Stage(config, name, mesh, tokenizer.vocab_size)
-        source = stage_source(config, name, data)
-        params = train_stage(stage, source, tokenizer)
-        if name in routing_after:
-            analyse_routing(stage, params, source, tokenizer)
-        if name in pope_after:
-            for split, metrics in run_pope(
-                config, stage, params, tokenizer, data.root, data.eval_annotations_json
-            ).items():
-                results[f"{name}/{split}"] = metrics
+    # The context mesh: dropless MoE layers shard_map their experts over its `expert` axis.
+    with jax.set_mesh(mesh):
+        for name in stage_names(config):
+            stage = Stage(config, name, mesh, tokenizer.vocab_size)
+            source = stage_source(config, name, data)
+            params = train_stage(stage, source, tokenizer)
+            if name in routing_after:
+                analyse_routing(stage, params, source, tokenizer)
+            if name in pope_after:
+                for split, metrics in run_pope(
+                    config, stage, params, tokenizer, data.root, data.eval_annotations_json
+                ).items():
+                    results[f"{name}/{split}"] = metrics
     if results and chief:
         table = pope.markdown_table(results)
         (workdir / "pope.md").write_text(table + "\n")

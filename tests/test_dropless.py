@@ -16,7 +16,8 @@ X = jax.random.normal(jax.random.key(0), (2, 12, 16))  # [batch, tokens, embed]
 
 
 def reference_grouped(x, kernels, group_sizes, cotangent):
-    """(y, dL/dx, dL/dkernels) of L = sum(y * cotangent), group by group in numpy."""
+    """(y, dL/dx, dL/dkernels) of L = sum(y * cotangent), group by group in numpy; rows past
+    the groups' total give 0 (and get gradient 0)."""
     x, kernels, cotangent = (np.asarray(a, np.float64) for a in (x, kernels, cotangent))
     y = np.zeros((x.shape[0], kernels.shape[2]))
     dx, dk = np.zeros_like(x), np.zeros_like(kernels)
@@ -32,15 +33,17 @@ def reference_grouped(x, kernels, group_sizes, cotangent):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize(
-    "group_sizes",
+    "group_sizes, trailing_rows",
     [
-        [0, 5, 0, 40, 3, 0],  # empty groups, first and last included
-        [7, 0, 0, 0, 0, 0],  # one group holds every row
-        [9, 8, 11, 6, 10, 9],
+        ([0, 5, 0, 40, 3, 0], 0),  # empty groups, first and last included
+        ([7, 0, 0, 0, 0, 0], 0),  # one group holds every row
+        ([9, 8, 11, 6, 10, 9], 0),
+        ([9, 8, 11, 6, 10, 9], 21),  # rows in no group (expert parallelism's buffers)
+        ([0, 0, 3, 0, 0, 0], 30),
     ],
 )
-def test_grouped_matmul_equals_per_group_loop(implementation, group_sizes):
-    rows = sum(group_sizes)
+def test_grouped_matmul_equals_per_group_loop(implementation, group_sizes, trailing_rows):
+    rows = sum(group_sizes) + trailing_rows
     keys = jax.random.split(jax.random.key(len(group_sizes) + rows), 3)
     x = jax.random.normal(keys[0], (rows, 8))
     kernels = jax.random.normal(keys[1], (len(group_sizes), 8, 5))

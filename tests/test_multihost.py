@@ -4,6 +4,7 @@ devices restores exactly onto a 4-device mesh."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,8 +25,8 @@ def env_with_devices(count: int) -> dict:
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
 
 
-def train_command(workdir: Path, data_root: Path, *extra: str) -> list[str]:
-    arg = f"workdir={workdir},data_root={data_root},run_stages=stage1+stage2+stage3"
+def train_command(workdir: Path, data_root: Path, stages: str, *extra: str) -> list[str]:
+    arg = f"workdir={workdir},data_root={data_root},run_stages={stages}"
     config = f"--config=tests/micro_config.py:{arg}"
     return [sys.executable, "-m", "moe_llava_jax.train", config, *MESH, *extra]
 
@@ -47,20 +48,29 @@ def runs(tmp_path_factory):
     data_root = tmp_path_factory.mktemp("data")
     train.prepare_data(micro.get_config(f"data_root={data_root}"))
     single = tmp_path_factory.mktemp("one_process")
+    double = tmp_path_factory.mktemp("two_processes")
+    train_both_ways(single, double, data_root, "stage1+stage2+stage3")
+    return data_root, single, double
+
+
+def train_both_ways(single: Path, double: Path, data_root: Path, stages: str, *extra: str):
+    """`stages` in 1 process with 8 devices (workdir `single`) and in 2 processes with 4
+    devices each (workdir `double`)."""
     subprocess.run(
-        train_command(single, data_root),
+        train_command(single, data_root, stages, *extra),
         cwd=ROOT,
         env=env_with_devices(8),
         check=True,
         capture_output=True,
     )
-    double = tmp_path_factory.mktemp("two_processes")
     coordinator = f"127.0.0.1:{free_port()}"
     processes = [
         subprocess.Popen(
             train_command(
                 double,
                 data_root,
+                stages,
+                *extra,
                 "--config.distributed.enabled=True",
                 f"--config.distributed.coordinator_address={coordinator}",
                 "--config.distributed.num_processes=2",
@@ -76,7 +86,6 @@ def runs(tmp_path_factory):
     for process in processes:
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err.decode()[-3000:]
-    return data_root, single, double
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
@@ -88,6 +97,21 @@ def test_two_processes_train_like_one_process_with_as_many_devices(runs, stage):
         "skipped.process0.jsonl",
         "skipped.process1.jsonl",
     ]
+
+
+def test_dropless_expert_parallel_across_processes_trains_like_one_process(runs, tmp_path):
+    """Stage 3 with dropless experts from the same stage-2 checkpoints: the all-to-alls cross
+    the process boundary (2 x 4 devices) and the losses equal the 8-device process's."""
+    data_root, single, double = runs
+    workdirs = {}
+    for name, source in (("single", single), ("double", double)):
+        workdirs[name] = tmp_path / name
+        shutil.copytree(source / "stage2", workdirs[name] / "stage2")
+    extra = "--config.model.moe.dispatch=dropless"
+    train_both_ways(workdirs["single"], workdirs["double"], data_root, "stage3", extra)
+    dropless = losses(workdirs["double"], "stage3")
+    assert len(dropless) == 4
+    np.testing.assert_allclose(dropless, losses(workdirs["single"], "stage3"), rtol=1e-5)
 
 
 RESTORE = textwrap.dedent("""

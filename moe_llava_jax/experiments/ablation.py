@@ -173,13 +173,14 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
     workdir.mkdir(parents=True, exist_ok=True)
     data, tokenizer = train.prepare_data(config)
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    for name in ("stage1", "stage2"):  # the shared start (resumed when already trained)
-        stage = train.Stage(config, name, mesh, tokenizer.vocab_size)
-        train.train_stage(stage, train.stage_source(config, name, data), tokenizer)
-    results = [
-        run_variant(config, mode, seed, mesh, data, tokenizer)
-        for mode, seed in itertools.product(modes, seeds)
-    ]
+    with jax.set_mesh(mesh):  # as in train.run
+        for name in ("stage1", "stage2"):  # the shared start (resumed when already trained)
+            stage = train.Stage(config, name, mesh, tokenizer.vocab_size)
+            train.train_stage(stage, train.stage_source(config, name, data), tokenizer)
+        results = [
+            run_variant(config, mode, seed, mesh, data, tokenizer)
+            for mode, seed in itertools.product(modes, seeds)
+        ]
     (workdir / "ablation.json").write_text(json.dumps(results, indent=1))
     table = markdown_table(results, modes)
     (workdir / "ablation.md").write_text(table + "\n")

@@ -2,7 +2,9 @@
 
 `grouped_matmul(x, kernels, group_sizes)`: the rows of x [m, a] are sorted by expert, the
 first group_sizes[0] rows belong to expert 0, the next group_sizes[1] to expert 1, ...; each
-row is multiplied by its expert's kernel [a, b]. Two implementations:
+row is multiplied by its expert's kernel [a, b]. Rows past sum(group_sizes) belong to no group
+and give 0 (as `ragged_dot` defines): expert parallelism receives tokens into buffers sized
+for the worst case, and only their first rows are real. Two implementations:
 
 - "ragged_dot": `jax.lax.ragged_dot`, the op XLA lowers to a grouped GEMM on TPU. XLA:CPU
   lowers it to a masked dense product against all E kernels (~E x the FLOPs). On NVIDIA GPUs
@@ -52,7 +54,8 @@ def grouped_matmul(
     implementation: str | None = None,
     block_size: int = 128,
 ) -> jax.Array:
-    """x [m, a] (rows sorted by group, sum(group_sizes) == m) @ kernels [E, a, b] -> [m, b].
+    """x [m, a] (rows sorted by group, sum(group_sizes) <= m) @ kernels [E, a, b] -> [m, b];
+    rows past sum(group_sizes) give 0.
 
     `implementation`: one of IMPLEMENTATIONS, None for `default_implementation()`.
     `block_size`: the largest block of the "blocked" implementation (fwd+bwd on 2 CPU cores,
@@ -65,13 +68,22 @@ def grouped_matmul(
     if implementation != "blocked":
         raise ValueError(f"grouped matmul {implementation!r}: expected one of {IMPLEMENTATIONS}")
     block = block_rows(x.shape[0], kernels.shape[0], block_size)
+    # Under jax.shard_map the custom VJP must return cotangents typed like its inputs, so the
+    # inputs first vary over each other's axes (adding zeros: free); autodiff then sums the
+    # kernels' cotangent over the axes only the rows are split on.
+    x, kernels = (
+        x + _zeros_like_all(x.shape, x.dtype, kernels),
+        kernels + _zeros_like_all(kernels.shape, kernels.dtype, x),
+    )
     return _blocked(x, kernels, group_sizes, block)
 
 
 class _Blocks(NamedTuple):
     """Where the rows of each group go when padded to whole blocks."""
 
-    padded_row: jax.Array  # [m]: each row's position in the padded rows
+    padded_row: (
+        jax.Array
+    )  # [m]: each row's position in the padded rows; past the end if in no group
     source: jax.Array  # [num_blocks * block]: the row each padded row reads; m for padding
     block_group: jax.Array  # [num_blocks]: the group (expert) of each block
     used: jax.Array  # [num_blocks] bool: false for the trailing blocks of padding only
@@ -84,9 +96,15 @@ def _blocks(group_sizes: jax.Array, rows: int, block: int) -> _Blocks:
     block_end = jnp.cumsum(blocks)  # [E]
     group_start = jnp.cumsum(group_sizes) - group_sizes  # [E]: first row, unpadded
     shift = block * (block_end - blocks) - group_start  # [E]: padded start - unpadded start
-    row_group = jnp.repeat(jnp.arange(num_groups), group_sizes, total_repeat_length=rows)
+    # Rows past the groups' total get group E: their padded position is out of range.
+    row_group = jnp.repeat(
+        jnp.arange(num_groups + 1),
+        jnp.append(group_sizes, rows - group_sizes.sum()),
+        total_repeat_length=rows,
+    )
+    shift = jnp.append(shift, num_blocks * block)
     padded_row = jnp.arange(rows) + shift[row_group]
-    source = jnp.full((num_blocks * block,), rows).at[padded_row].set(jnp.arange(rows))
+    source = jnp.full((num_blocks * block,), rows).at[padded_row].set(jnp.arange(rows), mode="drop")
     block_index = jnp.arange(num_blocks)
     # Blocks past the last group's are never multiplied; clip their group to a valid index.
     block_group = jnp.searchsorted(block_end, block_index, side="right")
@@ -102,13 +120,22 @@ def _to_blocks(x: jax.Array, layout: _Blocks, block: int) -> jax.Array:
 
 
 def _from_blocks(y_blocks: jax.Array, layout: _Blocks) -> jax.Array:
-    """[num_blocks, block, b] -> the rows' outputs [m, b]."""
-    return y_blocks.reshape(-1, y_blocks.shape[2])[layout.padded_row]
+    """[num_blocks, block, b] -> the rows' outputs [m, b] (0 for rows in no group)."""
+    rows = y_blocks.reshape(-1, y_blocks.shape[2])
+    return rows.at[layout.padded_row].get(mode="fill", fill_value=0)
+
+
+def _zeros_like_all(shape: tuple[int, ...], dtype: jnp.dtype, *like: jax.Array) -> jax.Array:
+    """Zeros that vary over every `jax.shard_map` axis one of `like` varies over: a `cond`'s
+    branches and a scan's carry must agree on it (outside shard_map: plain zeros)."""
+    zeros = [jnp.zeros_like(a, shape=shape, dtype=dtype) for a in like]  # zeros_like keeps it
+    return functools.reduce(jnp.add, zeros)
 
 
 def _block_products(x_blocks: jax.Array, kernels: jax.Array, layout: _Blocks) -> jax.Array:
     """x_blocks [num_blocks, block, a] @ their groups' kernels [E, a, b], block by block."""
-    zeros = jnp.zeros((x_blocks.shape[1], kernels.shape[2]), jnp.result_type(x_blocks, kernels))
+    shape = (x_blocks.shape[1], kernels.shape[2])
+    zeros = _zeros_like_all(shape, jnp.result_type(x_blocks, kernels), x_blocks, kernels)
 
     def product(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
         x_block, group, used = args  # [block, a], [], []
@@ -151,7 +178,8 @@ def _blocked_bwd(
         return jax.lax.cond(used, add, lambda dk: dk, dk), None
 
     blocks = (_to_blocks(x, layout, block), dy_blocks, layout.block_group, layout.used)
-    dk, _ = jax.lax.scan(accumulate, jnp.zeros(kernels.shape, jnp.float32), blocks)
+    dk_zeros = _zeros_like_all(kernels.shape, jnp.float32, x, dy)
+    dk, _ = jax.lax.scan(accumulate, dk_zeros, blocks)
     return dx.astype(x.dtype), dk.astype(kernels.dtype), None
 
 

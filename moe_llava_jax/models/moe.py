@@ -26,8 +26,9 @@ Two dispatch modes (`MoEConfig.dispatch`), same router, gates and statistics:
   `[tokens, experts, capacity]` einsums (O(tokens * experts * capacity * embed)).
 - "dropless": no capacity, no drop (dropped_fraction 0; the gates are those of capacity mode
   when nothing is dropped). The (token, choice) assignments are sorted by expert and the
-  experts run as one grouped matmul over the sorted rows (`grouped_matmul.py`), so the FLOPs
-  are the routed ones, with no buffer padding to a capacity.
+  experts run as grouped matmuls over the sorted rows, so the FLOPs are the routed ones;
+  with an `expert` mesh axis, tokens travel to their experts' devices by all-to-all
+  (`dropless.py`).
 Both modes read the same expert params [E, ...] (declared by the vmapped `MLP`) and compute
 them with the same `ffn_apply`, so checkpoints and upcycling do not depend on the mode.
 """
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from moe_llava_jax.models import layers
-from moe_llava_jax.models.grouped_matmul import grouped_matmul
+from moe_llava_jax.models.dropless import routed_experts
 from moe_llava_jax.models.mlp import MLP, FFNConfig, ffn_apply
 
 PLACEMENTS = ("sparse", "first_half", "second_half", "dense")
@@ -200,38 +201,6 @@ def stacked_linear(x: jax.Array, params: Mapping[str, jax.Array]) -> jax.Array:
     return y + params["bias"][:, None, :] if "bias" in params else y
 
 
-def dropless_experts(
-    x: jax.Array,
-    routing: Routing,
-    params: Mapping,
-    ffn: FFNConfig,
-    implementation: str | None = None,
-) -> jax.Array:
-    """sum_k gate_k * expert_{e_k}(x) for every token of x [g, s, d] and every choice k.
-
-    The g * s * k assignments are sorted by expert (stable: token order within an expert),
-    run through `ffn_apply` with grouped matmuls (`implementation`: see `grouped_matmul`),
-    put back in assignment order and summed.
-    """
-    groups, tokens, dim = x.shape
-    top_k = routing.expert_index.shape[-1]
-    num_experts = params["wo"]["kernel"].shape[0]
-    expert = routing.expert_index.reshape(-1)  # [(g s k)]
-    order = jnp.argsort(expert, stable=True)  # [(g s k)]: assignments sorted by expert
-    group_sizes = jnp.bincount(expert, length=num_experts)  # [E]
-    row_expert = expert[order]  # [(g s k)], sorted
-
-    def grouped_linear(h: jax.Array, dense: Mapping[str, jax.Array]) -> jax.Array:
-        y = grouped_matmul(h, dense["kernel"], group_sizes, implementation=implementation)
-        return y + dense["bias"][row_expert] if "bias" in dense else y
-
-    rows = x.reshape(groups * tokens, dim)[order // top_k]  # [(g s k), d], sorted
-    y_sorted = ffn_apply(rows, ffn, lambda h, name: grouped_linear(h, params[name]))
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)  # unsorted
-    y = rearrange(y, "(g s k) d -> g s k d", g=groups, k=top_k)
-    return jnp.einsum("gskd,gsk->gsd", y, routing.gate.astype(y.dtype))
-
-
 class MoELayer(nn.Module):
     """Router + E stacked experts (params [E, ...] of the same `MLP`, vmapped), plus the
     `shared_expert` MLP when `config.shared_expert`; `config.dispatch` picks how the
@@ -297,10 +266,18 @@ class MoELayer(nn.Module):
         params = jax.tree.map(
             lambda p: jnp.asarray(p, self.dtype), nn.unbox(experts.variables["params"])
         )
-        tokens = tokens.astype(self.dtype)
         if cfg.dispatch == "dropless":
-            routed = dropless_experts(tokens, routing, params, self.ffn)  # [g, s, d]
+            # Groups only matter to capacity: (g (b t)) flattens like ((g b) t).
+            choices = x.shape[:2] + (cfg.top_k,)  # [b, t, k]
+            out = routed_experts(  # [b, t, d]
+                x.astype(self.dtype),
+                routing.expert_index.reshape(choices),
+                routing.gate.reshape(choices),
+                params,
+                self.ffn,
+            )
         else:
+            tokens = tokens.astype(self.dtype)
             buffers = dispatch(tokens, routing, cfg.num_experts, capacity)  # [g, E, C, d]
             buffers = nn.with_logical_constraint(buffers, (None, "expert", None, None))
             y = ffn_apply(  # [g, E, C, d]
@@ -308,7 +285,7 @@ class MoELayer(nn.Module):
             )
             y = nn.with_logical_constraint(y, (None, "expert", None, None))
             routed = combine(y, routing)  # [g, s, d]
-        out = rearrange(routed, "g (b t) d -> (g b) t d", b=batch // cfg.num_groups)
+            out = rearrange(routed, "g (b t) d -> (g b) t d", b=batch // cfg.num_groups)
         if cfg.shared_expert:
             out = out + MLP(self.ffn, self.dtype, name="shared_expert")(x)  # [b, t, d]
         stats = {
