@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from moe_llava_jax.models import moe
 from moe_llava_jax.models.dropless import dropless_experts
 from moe_llava_jax.models.grouped_matmul import default_implementation
-from moe_llava_jax.models.mlp import MLP, FFNConfig, ffn_apply
+from moe_llava_jax.models.mlp import MLP, FFNConfig, ffn_apply, joined_projections
 
 TOP_K = 2
 AUX_COEF = 0.01
@@ -92,7 +92,9 @@ def routed_apply(num_experts: int, ffn: FFNConfig, experts: Callable) -> Callabl
 def naive_experts(num_experts: int, ffn: FFNConfig) -> Callable:
     def experts(params, tokens, routing):  # every expert on every token: [g, E, s, d]
         everyone = jnp.broadcast_to(tokens[:, None], (1, num_experts, *tokens.shape[1:]))
-        y = ffn_apply(everyone, ffn, lambda h, name: moe.stacked_linear(h, params[name]))
+        y = ffn_apply(
+            everyone, ffn, lambda h, names: moe.stacked_linear(h, joined_projections(params, names))
+        )
         onehot = jax.nn.one_hot(routing.expert_index, num_experts)  # [g, s, k, E]
         gates = jnp.einsum("gske,gsk->gse", onehot, routing.gate)
         return jnp.einsum("gesd,gse->gsd", y, gates)

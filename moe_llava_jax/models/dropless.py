@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from moe_llava_jax.models.grouped_matmul import grouped_matmul
-from moe_llava_jax.models.mlp import FFNConfig, ffn_apply
+from moe_llava_jax.models.mlp import FFNConfig, ffn_apply, joined_projections
 from moe_llava_jax.sharding import BATCH_AXES
 
 EXPERT_AXIS = "expert"
@@ -49,8 +49,8 @@ def grouped_ffn(
         jnp.arange(num_experts), group_sizes, total_repeat_length=rows.shape[0]
     )
 
-    def grouped_linear(h: jax.Array, name: str) -> jax.Array:
-        dense = params[name]
+    def grouped_linear(h: jax.Array, names: tuple[str, ...]) -> jax.Array:
+        dense = joined_projections(params, names)
         y = grouped_matmul(h, dense["kernel"], group_sizes, implementation=implementation)
         return y + dense["bias"][row_expert] if "bias" in dense else y
 

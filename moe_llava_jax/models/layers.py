@@ -20,6 +20,20 @@ def logical_init(init: nn.initializers.Initializer, axes: Sequence[str | None]):
     return nn.with_logical_partitioning(init, tuple(axes))
 
 
+class Dense(nn.Dense):
+    """`nn.Dense` (same params) applied to its input flattened to [rows, in].
+
+    XLA:CPU computes the kernel gradient of a dot whose input has several leading dims
+    (x [b, t, in]: contracting b and t) about 4x slower than the same product written as
+    one 2-D GEMM (measured with jax 0.10: a [32, 136, 128] x [128, 512] kernel gradient,
+    12 ms vs 3 ms); reshaping a contiguous array is free on every backend.
+    """
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))  # [rows, out]
+        return y.reshape(*inputs.shape[:-1], y.shape[-1])
+
+
 def dense(
     features: int,
     axes: tuple[str | None, str | None],
@@ -29,9 +43,9 @@ def dense(
     init_std: float = 0.02,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
-) -> nn.Dense:
-    """`nn.Dense` whose kernel [in, out] and bias [out] are annotated with logical axes."""
-    return nn.Dense(
+) -> Dense:
+    """A `Dense` whose kernel [in, out] and bias [out] are annotated with logical axes."""
+    return Dense(
         features,
         use_bias=use_bias,
         kernel_init=logical_init(nn.initializers.normal(init_std), axes),

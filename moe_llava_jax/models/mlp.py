@@ -9,7 +9,7 @@ these params along a new leading `expert` axis.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -30,19 +30,32 @@ class FFNConfig:
     use_bias: bool
 
 
-# (x [..., in], projection name: wi_gate | wi_up | wi | wo) -> x @ W_name + b_name [..., out]
-Project = Callable[[jax.Array, str], jax.Array]
+# (x [..., in], projection names, e.g. ("wi_gate", "wi_up") or ("wo",)) -> x [..., in] times
+# the named projections side by side: [..., sum of their outs]
+Project = Callable[[jax.Array, tuple[str, ...]], jax.Array]
 
 
 def ffn_apply(x: jax.Array, config: FFNConfig, project: Project) -> jax.Array:
     """The FFN on x [..., embed], each projection done by `project` (a dense layer, a batched
-    matmul over expert buffers, or a grouped matmul over rows sorted by expert)."""
+    matmul over expert buffers, or a grouped matmul over rows sorted by expert). The gate and
+    up projections of a gated FFN are asked for together: an expert implementation runs
+    them as one matmul (one pass over the rows and, for grouped matmuls, one loop)."""
     act = layers.activation(config.activation)
     if config.gated:
-        h = act(project(x, "wi_gate")) * project(x, "wi_up")  # [..., mlp]
+        gate, up = jnp.split(project(x, ("wi_gate", "wi_up")), 2, axis=-1)  # [..., mlp] each
+        h = act(gate) * up
     else:
-        h = act(project(x, "wi"))  # [..., mlp]
-    return project(h, "wo")  # [..., embed]
+        h = act(project(x, ("wi",)))  # [..., mlp]
+    return project(h, ("wo",))  # [..., embed]
+
+
+def joined_projections(params: Mapping[str, Mapping[str, jax.Array]], names: tuple[str, ...]):
+    """The projections `names` of `params` as one: kernels [..., in, out] and biases [..., out]
+    concatenated along out (the order of `names`)."""
+    joined = {"kernel": jnp.concatenate([params[n]["kernel"] for n in names], axis=-1)}
+    if "bias" in params[names[0]]:
+        joined["bias"] = jnp.concatenate([params[n]["bias"] for n in names], axis=-1)
+    return joined
 
 
 class MLP(nn.Module):
@@ -53,7 +66,7 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., embed]
         cfg = self.config
 
-        def project(h: jax.Array, name: str) -> jax.Array:
+        def linear(h: jax.Array, name: str) -> jax.Array:
             out = name == "wo"
             return layers.dense(
                 cfg.hidden_size if out else cfg.intermediate_size,
@@ -62,5 +75,10 @@ class MLP(nn.Module):
                 name=name,
                 dtype=self.dtype,
             )(h)
+
+        def project(h: jax.Array, names: tuple[str, ...]) -> jax.Array:
+            # Separate modules (params as the checkpoints name them); XLA merges the two
+            # products of the same input.
+            return jnp.concatenate([linear(h, name) for name in names], axis=-1)
 
         return ffn_apply(x, cfg, project)

@@ -47,7 +47,7 @@ from einops import rearrange
 
 from moe_llava_jax.models import layers
 from moe_llava_jax.models.dropless import routed_experts
-from moe_llava_jax.models.mlp import MLP, FFNConfig, ffn_apply
+from moe_llava_jax.models.mlp import MLP, FFNConfig, ffn_apply, joined_projections
 
 PLACEMENTS = ("sparse", "first_half", "second_half", "dense")
 DISPATCH_MODES = ("capacity", "dropless")
@@ -196,9 +196,15 @@ def combine(y: jax.Array, routing: Routing) -> jax.Array:
 
 
 def stacked_linear(x: jax.Array, params: Mapping[str, jax.Array]) -> jax.Array:
-    """Every expert's projection on its own buffer: x [g, E, C, a] -> [g, E, C, b]."""
-    y = jnp.einsum("geca,eab->gecb", x, params["kernel"])
-    return y + params["bias"][:, None, :] if "bias" in params else y
+    """Every expert's projection on its own buffer: x [g, E, C, a] -> [g, E, C, b].
+
+    One batched matmul over E (groups and slots merged into rows): XLA:CPU computes the
+    kernel gradient of a contraction over two dims (g, C) several times slower."""
+    rows = rearrange(x, "g e c a -> e (g c) a")
+    y = jnp.einsum("era,eab->erb", rows, params["kernel"])
+    if "bias" in params:
+        y = y + params["bias"][:, None, :]
+    return rearrange(y, "e (g c) b -> g e c b", g=x.shape[0])
 
 
 class MoELayer(nn.Module):
@@ -223,7 +229,7 @@ class MoELayer(nn.Module):
                 f"batch {batch} is not divisible by model.moe.num_groups={cfg.num_groups}"
             )
         tokens = rearrange(x, "(g b) t d -> g (b t) d", g=cfg.num_groups)
-        router = nn.Dense(
+        router = layers.Dense(
             cfg.num_experts,
             use_bias=False,
             dtype=jnp.float32,
@@ -281,7 +287,9 @@ class MoELayer(nn.Module):
             buffers = dispatch(tokens, routing, cfg.num_experts, capacity)  # [g, E, C, d]
             buffers = nn.with_logical_constraint(buffers, (None, "expert", None, None))
             y = ffn_apply(  # [g, E, C, d]
-                buffers, self.ffn, lambda h, name: stacked_linear(h, params[name])
+                buffers,
+                self.ffn,
+                lambda h, names: stacked_linear(h, joined_projections(params, names)),
             )
             y = nn.with_logical_constraint(y, (None, "expert", None, None))
             routed = combine(y, routing)  # [g, s, d]
