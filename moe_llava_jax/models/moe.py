@@ -48,6 +48,7 @@ from einops import rearrange
 from moe_llava_jax.models import layers
 from moe_llava_jax.models.dropless import routed_experts
 from moe_llava_jax.models.mlp import MLP, FFNConfig, ffn_apply, joined_projections
+from moe_llava_jax.sharding import LOGICAL_AXIS_RULES
 
 PLACEMENTS = ("sparse", "first_half", "second_half", "dense")
 DISPATCH_MODES = ("capacity", "dropless")
@@ -285,13 +286,16 @@ class MoELayer(nn.Module):
         else:
             tokens = tokens.astype(self.dtype)
             buffers = dispatch(tokens, routing, cfg.num_experts, capacity)  # [g, E, C, d]
-            buffers = nn.with_logical_constraint(buffers, (None, "expert", None, None))
+            # Under a context mesh (train.run): the buffers live on their experts' devices,
+            # so GSPMD moves tokens there and back (a no-op without a mesh).
+            on_experts = (None, "expert", None, None)
+            buffers = nn.with_logical_constraint(buffers, on_experts, rules=LOGICAL_AXIS_RULES)
             y = ffn_apply(  # [g, E, C, d]
                 buffers,
                 self.ffn,
                 lambda h, names: stacked_linear(h, joined_projections(params, names)),
             )
-            y = nn.with_logical_constraint(y, (None, "expert", None, None))
+            y = nn.with_logical_constraint(y, on_experts, rules=LOGICAL_AXIS_RULES)
             routed = combine(y, routing)  # [g, s, d]
             out = rearrange(routed, "g (b t) d -> (g b) t d", b=batch // cfg.num_groups)
         if cfg.shared_expert:
