@@ -144,6 +144,27 @@ def test_bfloat16_step_trains_float32_master_weights(micro_config):
     assert adam_moments and {x.dtype for x in adam_moments} == {jnp.dtype(jnp.float32)}
 
 
+def test_bfloat16_covers_the_vision_tower_and_projector(micro_config):
+    """Image features (tower + projector) compute in bf16 too, from the same fp32 params."""
+    stage, data, tokenizer = make_stage(micro_config, "stage2")
+    images = first_batch(stage, data, tokenizer)["images"]
+    params = stage.fresh_params()
+    micro_config.model.dtype = "bfloat16"
+    bf16_stage, _, _ = make_stage(micro_config, "stage2")
+
+    def image_features(s):
+        def towers(model, images):
+            return model.projector(model.vision(images))
+
+        return s.model.apply({"params": params}, images, method=towers)  # [b, n, d]
+
+    fp32, bf16 = image_features(stage), image_features(bf16_stage)
+    assert fp32.dtype == jnp.float32 and bf16.dtype == jnp.bfloat16
+    scale = float(jnp.abs(fp32).max())
+    np.testing.assert_allclose(np.asarray(bf16, np.float32), fp32, atol=0.03 * scale)
+    assert not np.array_equal(np.asarray(bf16, np.float32), np.asarray(fp32))
+
+
 # A hand-counted config: tiny_lvlm_config with a 1-layer decoder whose FFN is an MoE
 # (E=4, k=2), batch b=2 rows of t=12 tokens. FLOPs = 2 x multiply-adds, matmuls only.
 # Vision (16 px, 8 px patches: P=4 patches + CLS = 5 tokens, width 16, MLP 32; select_layer

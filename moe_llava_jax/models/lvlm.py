@@ -20,15 +20,16 @@ from moe_llava_jax.models.projector import Projector
 from moe_llava_jax.models.vision import VisionConfig, VisionTower
 
 
-# `model.dtype` values: the decoder's compute dtype. No float16: it would need loss scaling.
+# `model.dtype` values: the compute dtype. No float16: it would need loss scaling.
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
 class LVLMConfig:
-    """`dtype` and `remat` apply to the decoder (see `models/decoder.py`), where nearly all
-    of a step's FLOPs and activation memory are; the vision tower and the projector compute
-    in float32 whatever `dtype` says (their image features are cast when spliced in)."""
+    """`dtype` is the compute dtype of the vision tower, the projector and the decoder
+    (params stay float32 master weights; see `models/decoder.py` for what stays float32
+    inside); `remat` applies to the decoder, where nearly all of a step's activation memory
+    is."""
 
     vision: VisionConfig
     decoder: DecoderConfig
@@ -54,15 +55,14 @@ class MoELLaVA(nn.Module):
     config: LVLMConfig
 
     def setup(self):
-        self.vision = VisionTower(self.config.vision)
-        self.projector = Projector(self.config.projector, self.config.decoder.hidden_size)
         if self.config.dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 f"config key model.dtype={self.config.dtype!r}: expected one of {COMPUTE_DTYPES}"
             )
-        self.decoder = Decoder(
-            self.config.decoder, dtype=jnp.dtype(self.config.dtype), remat=self.config.remat
-        )
+        dtype = jnp.dtype(self.config.dtype)
+        self.vision = VisionTower(self.config.vision, dtype)
+        self.projector = Projector(self.config.projector, self.config.decoder.hidden_size, dtype)
+        self.decoder = Decoder(self.config.decoder, dtype=dtype, remat=self.config.remat)
 
     def __call__(
         self,

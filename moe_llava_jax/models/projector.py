@@ -6,6 +6,7 @@ import re
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from moe_llava_jax.models import layers
 
@@ -25,6 +26,7 @@ def projector_depth(kind: str) -> int:
 class Projector(nn.Module):
     kind: str
     out_features: int
+    dtype: jnp.dtype = jnp.float32  # compute dtype; params stay float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [batch, tokens, vision] -> [.., embed]
@@ -33,5 +35,7 @@ class Projector(nn.Module):
             if i:
                 x = jax.nn.gelu(x, approximate=False)  # torch.nn.GELU() is the exact erf form
             axes = ("vision_embed" if i == 0 else "mlp", "mlp" if i < depth - 1 else "embed")
-            x = layers.dense(self.out_features, axes, use_bias=True, name=f"fc_{i}")(x)
+            x = layers.dense(
+                self.out_features, axes, use_bias=True, name=f"fc_{i}", dtype=self.dtype
+            )(x)
         return x

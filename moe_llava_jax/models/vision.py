@@ -60,11 +60,12 @@ class VisionConfig:
 
 class VisionBlock(nn.Module):
     config: VisionConfig
+    dtype: jnp.dtype = jnp.float32  # compute dtype; params stay float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [batch, tokens, embed]
         cfg = self.config
-        h = layers.norm("layernorm", cfg.norm_eps, name="norm1")(x)
+        h = layers.norm("layernorm", cfg.norm_eps, name="norm1", dtype=self.dtype)(x)
         x = x + Attention(
             cfg.num_heads,
             cfg.num_heads,
@@ -72,17 +73,19 @@ class VisionBlock(nn.Module):
             qkv_bias=True,
             out_bias=True,
             causal=False,
+            dtype=self.dtype,
             name="attn",
         )(h)
-        h = layers.norm("layernorm", cfg.norm_eps, name="norm2")(x)
+        h = layers.norm("layernorm", cfg.norm_eps, name="norm2", dtype=self.dtype)(x)
         ffn_cfg = FFNConfig(
             cfg.hidden_size, cfg.intermediate_size, cfg.activation, gated=False, use_bias=True
         )
-        return x + MLP(ffn_cfg, name="mlp")(h)
+        return x + MLP(ffn_cfg, self.dtype, name="mlp")(h)
 
 
 class VisionTower(nn.Module):
     config: VisionConfig
+    dtype: jnp.dtype = jnp.float32  # compute dtype (as the decoder's; params stay float32)
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -101,7 +104,11 @@ class VisionTower(nn.Module):
             q=cfg.patch_size,
         )
         x = layers.dense(
-            cfg.hidden_size, ("patch", "embed"), use_bias=cfg.patch_bias, name="patch_embed"
+            cfg.hidden_size,
+            ("patch", "embed"),
+            use_bias=cfg.patch_bias,
+            name="patch_embed",
+            dtype=self.dtype,
         )(patches)  # [b, num_patches, embed]
         if cfg.class_token:
             cls = self.param(
@@ -117,9 +124,9 @@ class VisionTower(nn.Module):
             layers.logical_init(nn.initializers.normal(0.02), (None, "embed")),
             (x.shape[1], cfg.hidden_size),
         )
-        x = x + pos
+        x = (x + pos).astype(self.dtype)
         if cfg.pre_norm:
-            x = layers.norm("layernorm", cfg.norm_eps, name="pre_norm")(x)
+            x = layers.norm("layernorm", cfg.norm_eps, name="pre_norm", dtype=self.dtype)(x)
         for i in range(cfg.num_blocks_to_run):
-            x = VisionBlock(cfg, name=f"layers_{i}")(x)
+            x = VisionBlock(cfg, self.dtype, name=f"layers_{i}")(x)
         return x[:, 1:] if cfg.select_feature == "patch" else x
