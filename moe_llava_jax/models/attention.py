@@ -80,19 +80,20 @@ class Attention(nn.Module):
             q = apply_rotary(q, positions, self.rotary_dim, self.rope_theta)
             k = apply_rotary(k, positions, self.rotary_dim, self.rope_theta)
 
+        # Heads-major, the g query heads of a kv head stacked along the query axis: both
+        # products are plain batched matmuls over (b, kv head). (With the batch dims inside,
+        # e.g. "bqkgd,bskd->bkgqs", XLA:CPU's attention fwd+bwd took 2x as long.) The KV
+        # cache is kept in this layout, so a decoding step does not transpose it.
+        groups = self.num_heads // self.num_kv_heads
+        q = rearrange(q, "b q (k g) d -> b k (g q) d", k=self.num_kv_heads)
+        k, v = (rearrange(a, "b s k d -> b k s d") for a in (k, v))
         seq = x.shape[1]
         query_slots = key_slots = jnp.arange(seq)
         if valid is None:
             valid = jnp.ones(x.shape[:2], bool)
         if decode:
             k, v, valid, query_slots = self._append_to_cache(k, v, valid)
-            key_slots = jnp.arange(k.shape[1])
-        # Heads-major, the g query heads of a kv head stacked along the query axis: both
-        # products are plain batched matmuls over (b, kv head). (With the batch dims inside,
-        # e.g. "bqkgd,bskd->bkgqs", XLA:CPU's attention fwd+bwd took 2x as long.)
-        groups = self.num_heads // self.num_kv_heads
-        q = rearrange(q, "b q (k g) d -> b k (g q) d", k=self.num_kv_heads)
-        k, v = (rearrange(a, "b s k d -> b k s d") for a in (k, v))
+            key_slots = jnp.arange(k.shape[2])
         scores = jnp.einsum("bkqd,bksd->bkqs", q, k).astype(jnp.float32)  # q: (g q)
         scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
         mask = valid[:, None, :]  # [b, 1, keys]
@@ -109,7 +110,8 @@ class Attention(nn.Module):
 
     def _append_to_cache(self, k: jax.Array, v: jax.Array, valid: jax.Array):
         """Writes this call's keys/values at the cache's write index and returns the whole
-        cache: k, v [b, max_len, kv, d], key validity [b, max_len], and the query slots [seq].
+        cache: k, v [b, kv, max_len, d], key validity [b, max_len], and the query slots [seq]
+        (k, v come in as [b, kv, seq, d]).
 
         The cache's length is fixed by the input length at `init` (decoding's max length);
         slots not yet written are invalid, so they are never attended.
@@ -119,11 +121,12 @@ class Attention(nn.Module):
         cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
         cached_valid = self.variable("cache", "valid", jnp.zeros, valid.shape, bool)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        seq = k.shape[2]
         if initializing:
-            return k, v, valid, jnp.arange(k.shape[1])
+            return k, v, valid, jnp.arange(seq)
         start = index.value
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, 0, start, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, 0, start, 0))
         cached_valid.value = jax.lax.dynamic_update_slice(cached_valid.value, valid, (0, start))
-        index.value = start + k.shape[1]
-        return cached_k.value, cached_v.value, cached_valid.value, start + jnp.arange(k.shape[1])
+        index.value = start + seq
+        return cached_k.value, cached_v.value, cached_valid.value, start + jnp.arange(seq)

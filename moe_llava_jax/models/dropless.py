@@ -50,6 +50,8 @@ def grouped_ffn(
     )
 
     def grouped_linear(h: jax.Array, names: tuple[str, ...]) -> jax.Array:
+        # Gate and up as one grouped matmul (one pass of the block loop; ~10% faster fwd+bwd
+        # on CPU than two), at the price of a copy of their kernels per call.
         dense = joined_projections(params, names)
         y = grouped_matmul(h, dense["kernel"], group_sizes, implementation=implementation)
         return y + dense["bias"][row_expert] if "bias" in dense else y

@@ -47,7 +47,7 @@ from einops import rearrange
 
 from moe_llava_jax.models import layers
 from moe_llava_jax.models.dropless import routed_experts
-from moe_llava_jax.models.mlp import MLP, FFNConfig, ffn_apply, joined_projections
+from moe_llava_jax.models.mlp import MLP, FFNConfig, ffn_apply
 from moe_llava_jax.sharding import LOGICAL_AXIS_RULES
 
 PLACEMENTS = ("sparse", "first_half", "second_half", "dense")
@@ -293,7 +293,11 @@ class MoELayer(nn.Module):
             y = ffn_apply(  # [g, E, C, d]
                 buffers,
                 self.ffn,
-                lambda h, names: stacked_linear(h, joined_projections(params, names)),
+                # One product per projection: joining the kernels would copy every expert's
+                # weights at each call, a decoding step's main memory traffic.
+                lambda h, names: jnp.concatenate(
+                    [stacked_linear(h, params[name]) for name in names], axis=-1
+                ),
             )
             y = nn.with_logical_constraint(y, on_experts, rules=LOGICAL_AXIS_RULES)
             routed = combine(y, routing)  # [g, s, d]
