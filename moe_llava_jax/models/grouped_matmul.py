@@ -1,4 +1,4 @@
-"""Grouped matmul for dropless MoE, and the expert FFN written against it.
+"""Grouped matmul for dropless MoE: rows sorted by expert times their expert's kernel.
 
 `grouped_matmul(x, kernels, group_sizes)`: the rows of x [m, a] are sorted by expert, the
 first group_sizes[0] rows belong to expert 0, the next group_sizes[1] to expert 1, ...; each
