@@ -38,8 +38,8 @@ Project = Callable[[jax.Array, tuple[str, ...]], jax.Array]
 def ffn_apply(x: jax.Array, config: FFNConfig, project: Project) -> jax.Array:
     """The FFN on x [..., embed], each projection done by `project` (a dense layer, a batched
     matmul over expert buffers, or a grouped matmul over rows sorted by expert). The gate and
-    up projections of a gated FFN are asked for together: an expert implementation runs
-    them as one matmul (one pass over the rows and, for grouped matmuls, one loop)."""
+    up projections of a gated FFN are asked for together, so that an implementation may run
+    them as one matmul (dropless does: one pass of its block loop instead of two)."""
     act = layers.activation(config.activation)
     if config.gated:
         gate, up = jnp.split(project(x, ("wi_gate", "wi_up")), 2, axis=-1)  # [..., mlp] each
@@ -77,8 +77,7 @@ class MLP(nn.Module):
             )(h)
 
         def project(h: jax.Array, names: tuple[str, ...]) -> jax.Array:
-            # Separate modules (params as the checkpoints name them); XLA merges the two
-            # products of the same input.
+            # One module per projection (params as the checkpoints name them), side by side.
             return jnp.concatenate([linear(h, name) for name in names], axis=-1)
 
         return ffn_apply(x, cfg, project)
