@@ -37,7 +37,8 @@ from absl import flags
 from PIL import Image, ImageDraw
 
 from configs import stage2
-from moe_llava_jax import sharding, train
+from moe_llava_jax import sharding, trainer
+from moe_llava_jax.data import from_config
 from moe_llava_jax.data import images as image_ops
 from moe_llava_jax.data.conversation import get_template, tokenize_conversation
 from moe_llava_jax.data.convert_to_tfds import convert
@@ -173,8 +174,9 @@ def measure_step_rate(config, data, tokenizer: Tokenizer, steps: int) -> float:
     """Steps/s of the config's stage-2 train step (random init, one batch of its own data;
     compiled first)."""
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    stage = train.Stage(config, "stage2", mesh, tokenizer.vocab_size)
-    source = train.stage_source(config, "stage2", data)
+    rules = sharding.rules_from_config(config.sharding_rules)
+    stage = trainer.Stage(config, "stage2", mesh, tokenizer.vocab_size)
+    source = from_config.stage_source(config, "stage2", data)
     prep, template = stage.preprocessing(), get_template(config.stage2.template)
     batch_size = config.stage2.batch_size
     examples = []
@@ -191,23 +193,24 @@ def measure_step_rate(config, data, tokenizer: Tokenizer, steps: int) -> float:
         )
         for key in examples[0]
     }
-    params = stage.random_params()
-    state = {
-        "step": jax.device_put(jnp.zeros((), jnp.int32), stage.state_shardings["step"]),
-        "params": params,
-        "opt_state": jax.jit(stage.tx.init, out_shardings=stage.state_shardings["opt_state"])(
-            params
-        ),
-    }
-    for _ in range(2):  # compile, then one more for steady state
-        state, _ = stage.train_step(state, batch)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, _ = stage.train_step(state, batch)
+    with sharding.mesh_context(mesh, rules):  # as trainer.run
+        params = stage.random_params()
+        state = {
+            "step": jax.device_put(jnp.zeros((), jnp.int32), stage.state_shardings["step"]),
+            "params": params,
+            "opt_state": jax.jit(stage.tx.init, out_shardings=stage.state_shardings["opt_state"])(
+                params
+            ),
+        }
+        for _ in range(2):  # compile, then one more for steady state
+            state, _ = stage.train_step(state, batch)
         jax.block_until_ready(state)
-        times.append(time.perf_counter() - start)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, _ = stage.train_step(state, batch)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - start)
     return 1 / statistics.median(times)
 
 
@@ -226,7 +229,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config = tiny_stage2_config(root)
-        data, tokenizer = train.prepare_data(config)
+        data, tokenizer = from_config.prepare_data(config)
         batch_size = config.stage2.batch_size
         step_rate = args.step_rate or measure_step_rate(config, data, tokenizer, args.steps)
         rate_note = "given" if args.step_rate else "measured"

@@ -9,7 +9,7 @@
    `config.peak_flops_per_device`.
 2. Stages 1, 2, 3 of `configs/moe_tuning.py`'s tiny model (fresh random params, one fixed
    random batch per stage at its batch_size x max_length): the trainer's own jitted step
-   (`train.Stage.train_step`: shardings, donation), medians after a compiling warm-up.
+   (`trainer.Stage.train_step`: shardings, donation), medians after a compiling warm-up.
    Per stage: ms/step, tokens/s (every position of the padded batch), the analytic model
    FLOPs of a step (`moe_llava_jax.flops`), the FLOP/s achieved and MFU; then the stage-1 /
    stage-2 step-time ratio next to the ratio of their analytic FLOPs (stage 1 trains only
@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks.moe_layer import median_seconds
 from configs import moe_tuning
-from moe_llava_jax import sharding, train
+from moe_llava_jax import sharding, trainer
 from moe_llava_jax.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from moe_llava_jax.train_step import Batch
 
@@ -41,7 +41,7 @@ def peak_matmul_flops(size: int, repeats: int) -> float:
     return 2 * size**3 / seconds
 
 
-def random_batch(stage: train.Stage, seed: int) -> Batch:
+def random_batch(stage: trainer.Stage, seed: int) -> Batch:
     """Random tokens with the image placeholders after the first token; the second half of
     every row is supervised (an answer), as in a captioning / instruction example."""
     cfg = stage.stage_cfg
@@ -59,7 +59,7 @@ class StepRunner:
     """A zero-argument call running one step on the fixed batch (the state is donated to
     the next one, as in the trainer)."""
 
-    def __init__(self, stage: train.Stage, batch: Batch):
+    def __init__(self, stage: trainer.Stage, batch: Batch):
         self.stage, self.batch = stage, batch
         params = stage.random_params()
         opt_state = jax.jit(stage.tx.init, out_shardings=stage.state_shardings["opt_state"])(params)
@@ -85,6 +85,7 @@ def main() -> None:
     for name in STAGES:
         config[name].grad_accum_steps = args.grad_accum_steps
     mesh = sharding.make_mesh(config.mesh.to_dict())
+    rules = sharding.rules_from_config(config.sharding_rules)
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"
     peak = peak_matmul_flops(args.matmul_size, args.repeats) * jax.device_count()
     print(
@@ -93,11 +94,13 @@ def main() -> None:
         f"grad_accum_steps={args.grad_accum_steps}; medians of {args.repeats} steps\n"
     )
     vocab_size = config.data.synthetic.vocab_size  # the embedded data's tokenizer size
-    stages = {name: train.Stage(config, name, mesh, vocab_size) for name in STAGES}
-    runners = {
-        name: StepRunner(s, random_batch(s, seed=i)) for i, (name, s) in enumerate(stages.items())
-    }
-    seconds = median_seconds(runners, args.repeats)
+    with sharding.mesh_context(mesh, rules):  # as trainer.run
+        stages = {name: trainer.Stage(config, name, mesh, vocab_size) for name in STAGES}
+        runners = {
+            name: StepRunner(s, random_batch(s, seed=i))
+            for i, (name, s) in enumerate(stages.items())
+        }
+        seconds = median_seconds(runners, args.repeats)
 
     print("| stage | trains | batch x seq | ms/step | tokens/s | TFLOP/step | GFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|---|")

@@ -8,7 +8,7 @@ projector -> LLaMA-style decoder (RMSNorm, RoPE, GQA) whose FFNs are E SwiGLU ex
 Stage 3 trains the MoE layers (experts + routers) with AdamW (grad-norm clip 1) on
 CE + 0.01 * load-balancing loss; the tower and projector are frozen.
 
-- ours: the trainer's own jitted step (`train.Stage.train_step`), both dispatch modes.
+- ours: the trainer's own jitted step (`trainer.Stage.train_step`), both dispatch modes.
 - PyTorch: transformers' `MixtralForCausalLM` (inputs_embeds, labels, output_router_logits:
   its CE + router_aux_loss_coef * aux loss), `CLIPVisionModel` under no_grad (as LLaVA's
   tower) with the blocks LLaVA's feature layer needs (select_layer -2: all but the last),
@@ -37,7 +37,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, MixtralConfig, Mixtr
 from benchmarks.moe_layer import median_seconds
 from benchmarks.train_step import StepRunner, random_batch
 from configs import moe_tuning
-from moe_llava_jax import sharding, stages, train
+from moe_llava_jax import param_tree, sharding, trainer
 from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
 from moe_llava_jax.models import moe
 from moe_llava_jax.models.lvlm import LVLMConfig
@@ -119,10 +119,10 @@ def torch_step(model: TorchMoELLaVA, batch: dict, lr: float, grad_clip: float):
     return step
 
 
-def our_counts(stage: train.Stage) -> tuple[int, int]:
+def our_counts(stage: trainer.Stage) -> tuple[int, int]:
     """(trainable, frozen) parameter counts; only the vision blocks the model runs count."""
-    flat = stages.flatten(stage.abstract_params)
-    mask = stages.flatten(stage.mask)
+    flat = param_tree.flatten(stage.abstract_params)
+    mask = param_tree.flatten(stage.mask)
     trainable = sum(v.size for k, v in flat.items() if mask[k])
     return trainable, sum(v.size for v in flat.values()) - trainable
 
@@ -152,13 +152,14 @@ def main() -> None:
     config.model.moe.layers = "dense"  # every decoder layer MoE, as Mixtral
     config.model.moe.second_expert_noise = False  # Mixtral's router has no noise
     mesh = sharding.make_mesh(config.mesh.to_dict())
+    rules = sharding.rules_from_config(config.sharding_rules)
     vocab_size = config.data.synthetic.vocab_size
     cfg = config.stage3
     ours, batch = {}, None
-    with jax.set_mesh(mesh):
+    with sharding.mesh_context(mesh, rules):  # as trainer.run
         for dispatch in moe.DISPATCH_MODES:
             config.model.moe.dispatch = dispatch
-            stage = train.Stage(config, "stage3", mesh, vocab_size)
+            stage = trainer.Stage(config, "stage3", mesh, vocab_size)
             batch = random_batch(stage, seed=0) if batch is None else batch
             ours[f"ours ({dispatch})"] = StepRunner(stage, batch)
     torch_models = {

@@ -22,6 +22,9 @@ def get_config(arg: str | None = None):
     config.stage3.log_every = 5
     config.stage3.checkpoint_every = 1000  # only the final checkpoint
     config.pope.num_per_image = 1
+    # The dense baseline trains the FFNs of every other layer, which a scanned stack cannot
+    # tell apart (a scanned param trains as a whole); the tiny model compiles fast looped.
+    config.model.scan_layers = False
     config.ablation = {
         "modes": "copy,copy_noise,drop_upcycle,random,dense",
         "seeds": args.seeds.replace("+", ","),

@@ -7,7 +7,14 @@ lists the stages to run; every field is overridable on the command line
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from moe_llava_jax import sharding
+from moe_llava_jax.models.decoder import DecoderConfig
+from moe_llava_jax.models.moe import MoEConfig
+from moe_llava_jax.models.vision import VisionConfig
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -38,60 +45,45 @@ def tiny_model() -> ml_collections.ConfigDict:
             # outputs, recompute the rest).
             "dtype": "float32",
             "remat": "none",
-            "vision": {
-                "image_size": 64,
-                "patch_size": 16,
-                "hidden_size": 128,
-                "num_layers": 2,
-                "num_heads": 4,
-                "intermediate_size": 256,
-                "activation": "quick_gelu",
-                "norm_eps": 1e-5,
-                "class_token": True,
-                "pre_norm": True,
-                "patch_bias": False,
-                "select_layer": -2,
-                "select_feature": "patch",
-            },
-            "decoder": {
-                "vocab_size": 0,  # 0: the tokenizer's
-                "hidden_size": 128,
-                "num_layers": 4,
-                "num_heads": 4,
-                "num_kv_heads": 2,
-                "head_dim": 0,
-                "intermediate_size": 256,
-                "norm": "rmsnorm",
-                "norm_eps": 1e-5,
-                "activation": "silu",
-                "gated_mlp": True,
-                "mlp_bias": False,
-                "qkv_bias": False,
-                "out_bias": False,
-                "parallel_block": False,
-                "partial_rotary_factor": 1.0,
-                "rope_theta": 10000.0,
-                "tie_embeddings": False,
-                "lm_head_bias": False,
-            },
-            "moe": {
-                "num_experts": 4,
-                "top_k": 2,
-                "capacity_factor": 1.5,
-                "eval_capacity_factor": 2.0,
-                "min_capacity": 0,
-                "second_expert_noise": True,
-                "eval_second_expert_noise": False,
-                "router_init_std": 0.02,
-                "num_groups": 1,
-                "layers": "sparse",
-                "shared_expert": False,  # DeepSeekMoE-style always-on FFN beside the experts
-                # capacity (the paper's: choices over an expert's capacity are dropped) or
-                # dropless (every choice computed, experts as a grouped matmul)
-                "dispatch": "capacity",
-            },
+            # Repeating blocks (decoder layers, ViT blocks) as one `nn.scan` each: compile
+            # time and program size flat in depth, params stacked on a `layers` axis in the
+            # train state and checkpoints (same math; models/scan.py). False: a Python loop.
+            "scan_layers": True,
+            # The model sections are the dataclasses' fields (one source of defaults: see
+            # VisionConfig, DecoderConfig, MoEConfig for what each means), tiny sizes here.
+            "vision": dataclass_fields(
+                VisionConfig(
+                    image_size=64,
+                    patch_size=16,
+                    hidden_size=128,
+                    num_layers=2,
+                    num_heads=4,
+                    intermediate_size=256,
+                )
+            ),
+            "decoder": dataclass_fields(
+                DecoderConfig(
+                    vocab_size=0,  # 0: the tokenizer's
+                    hidden_size=128,
+                    num_layers=4,
+                    num_heads=4,
+                    num_kv_heads=2,
+                    intermediate_size=256,
+                    norm="rmsnorm",
+                )
+            ),
+            # moe.dispatch: capacity (the paper's: choices over an expert's capacity are
+            # dropped) or dropless (every choice computed, experts as a grouped matmul).
+            "moe": dataclass_fields(MoEConfig()),
         }
     )
+
+
+def dataclass_fields(instance) -> dict:
+    """A model dataclass as a config section; `moe` lives in its own section (`model.moe`)."""
+    fields = dataclasses.asdict(instance)
+    fields.pop("moe", None)
+    return fields
 
 
 def stage(
@@ -159,15 +151,23 @@ def moe_tuning_config(
         "num_processes": 0,
         "process_id": -1,
     }
+    # XLA's persistent compilation cache ("" = WORKDIR/jax_cache; "off": none): reruns,
+    # resumes and repeated shapes load compiled programs instead of compiling again.
+    config.compilation_cache_dir = ""
     config.router_z_loss_coef = 0.0  # ST-MoE router z-loss; the paper has none
     # Peak FLOP/s of one accelerator (e.g. 989e12: H100 SXM dense bf16) for the logged
     # `mfu`; 0 = unknown, no mfu (step_time_s and tokens_per_s are logged anyway).
     config.peak_flops_per_device = 0.0
-    # How stage 3's experts start from stage 2's dense FFN (stages.upcycle): copy (the paper),
+    # How stage 3's experts start from stage 2's dense FFN (upcycling.upcycle): copy (the paper),
     # copy_noise (+ noise_scale * std of each tensor), drop_upcycle (re-init drop_fraction of
     # each expert's intermediate channels; Drop-Upcycling) or random (no upcycling).
     config.upcycle = {"mode": "copy", "noise_scale": 0.01, "drop_fraction": 0.5, "seed": 0}
     config.mesh = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
+    # Where params and activations land on that mesh: [logical axis name, mesh axis | [mesh
+    # axes] | None] pairs, first match wins (sharding.py; the models name logical axes only).
+    # Entered with nn.logical_axis_rules around init, step and decode; lists, so a
+    # checkpoint's saved config (JSON) gives them back.
+    config.sharding_rules = sharding.rules_to_config(sharding.DEFAULT_LOGICAL_AXIS_RULES)
     config.model = tiny_model()
     # stageN.data: "captions" | "instruct" (embedded) or a LLaVA JSON/JSONL file, with image paths
     # relative to data.image_root; data.tokenizer: a tokenizer.json ("": the embedded one).

@@ -1,6 +1,9 @@
 """Questions about images -> answer texts: the one path `predict`, POPE and the benchmark
 answer files all go through, so they prompt, batch, decode and stop identically.
 
+`Predictor` opens a stage's checkpoint for this: its saved config rebuilds the model (no
+optimizer, no train step) on a mesh of the devices at hand, whatever mesh it trained on.
+
 A question becomes the template's single-turn prompt (`<image>\\n` + question when there is an
 image), encoded exactly as in training; batches have a fixed size (the last one is padded
 with copies of its last question) so decoding compiles once; each answer stops at EOS or at
@@ -10,15 +13,30 @@ the template's stop strings and is cut before the first stop string it contains.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
+import jax
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from moe_llava_jax.data.conversation import IMAGE_PLACEHOLDER, ChatTemplate, tokenize_prompt
+from moe_llava_jax import checkpoint, sharding
+from moe_llava_jax.build import StageModel
+from moe_llava_jax.data import from_config
+from moe_llava_jax.data.conversation import (
+    IMAGE_PLACEHOLDER,
+    ChatTemplate,
+    get_template,
+    tokenize_prompt,
+)
+from moe_llava_jax.data.jsonl import iter_jsonl, write_jsonl
 from moe_llava_jax.data.pipeline import Preprocessing, load_model_image
 from moe_llava_jax.data.tokenizer import Tokenizer
-from moe_llava_jax.generate import GREEDY, GenerateFn, Sampling, StopFn
+from moe_llava_jax.generate import GREEDY, CachedDecoder, GenerateFn, Sampling, StopFn
 
 
 def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
@@ -95,3 +113,80 @@ class Answerer:
             end = start + self.batch_size
             answers += self._answer_batch(questions[start:end], images[start:end])
         return answers
+
+
+def local_mesh() -> jax.sharding.Mesh:
+    """Every device of this process on the `data` axis: answering needs no other split
+    (experts and weights replicated, questions split over the devices)."""
+    return sharding.make_mesh({"data": -1})
+
+
+class Predictor:
+    """A checkpoint ready to answer: its model (rebuilt from the saved config on `mesh`,
+    default `local_mesh()`), params, tokenizer, template and preprocessing."""
+
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        *,
+        batch_size: int = 16,
+        max_new_tokens: int = 128,
+        sampling: Sampling = GREEDY,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        meta = checkpoint.restore_meta(checkpoint_dir)
+        config = ml_collections.ConfigDict(json.loads(meta["config"]))
+        self.config = config
+        self.tokenizer = from_config.load_tokenizer(config)
+        self.mesh = mesh or local_mesh()
+        self.stage = StageModel(config, meta["stage"], self.mesh, self.tokenizer.vocab_size)
+        self.params, _ = self.stage.restore_params(checkpoint_dir)
+        self.answerer = Answerer(
+            functools.partial(CachedDecoder(self.stage.model_cfg), self.params),
+            self.tokenizer,
+            get_template(config[meta["stage"]].template),
+            self.stage.preprocessing(),
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+        )
+
+    def answer(
+        self, questions: Sequence[str], images: Sequence[str | None], progress: bool = False
+    ) -> list[str]:
+        """The answerer's answers, decoded under this mesh and the checkpoint's sharding
+        rules (the context the models read their constraints from)."""
+        with sharding.mesh_context(self.mesh, self.stage.rules):
+            return self.answerer(questions, images, progress)
+
+
+def answer_file(
+    predictor: Predictor,
+    questions_path: str | Path,
+    image_folder: str | Path,
+    answers_path: str | Path,
+) -> None:
+    """LLaVA question jsonl -> answer jsonl, in question order."""
+    questions = []
+    for lineno, row in iter_jsonl(questions_path):
+        missing = [k for k in ("question_id", "text") if k not in row]
+        if missing:
+            raise ValueError(f"{questions_path}: line {lineno}: missing field {missing[0]!r}")
+        questions.append(row)
+    images = [str(Path(image_folder) / q["image"]) if q.get("image") else None for q in questions]
+    answers = predictor.answer([q["text"] for q in questions], images, progress=True)
+    model_id = f"moe_llava_jax/{predictor.stage.name}"
+    write_jsonl(
+        answers_path,
+        [
+            {
+                "question_id": q["question_id"],
+                "prompt": q["text"],
+                "text": answer,
+                "answer_id": uuid.uuid4().hex,
+                "model_id": model_id,
+                "metadata": {},
+            }
+            for q, answer in zip(questions, answers)
+        ],
+    )

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from moe_llava_jax import stages
+from moe_llava_jax import param_tree
 from moe_llava_jax.models.lvlm import LVLMConfig
 from moe_llava_jax.models.projector import projector_depth
 
@@ -157,7 +157,7 @@ def train_step_flops(
     """FLOPs of one step on input_ids [batch, seq] (+ batch images) training the params the
     mask (nested like the params, or flat by '/'-joined path) marks True."""
     units = model_units(config, batch, seq)
-    trained = {path for path, train in stages.flatten(trainable_mask).items() if train}
+    trained = {path for path, train in param_tree.flatten(trainable_mask).items() if train}
     unowned = sorted(p for p in trained if not any(u.owns(p) for u in units))
     if unowned:
         raise ValueError(f"flops: trainable params {unowned} belong to no counted unit")

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moe_llava_jax import optim, stages
+from moe_llava_jax import optim, param_tree
 from moe_llava_jax.data.conversation import IGNORE_INDEX
 
 TrainState = dict[str, Any]  # {"step": int32[], "params": pytree, "opt_state": optax state}
@@ -141,7 +141,7 @@ def make_train_step(
     (module docstring); the update is the same single optimizer step."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        trainable, frozen = stages.partition(state["params"], mask)
+        trainable, frozen = param_tree.partition(state["params"], mask)
         global_answer_tokens = answer_targets(batch["labels"])[1].sum()
 
         def accumulate(grad_sum: dict, micro: tuple[jax.Array, Batch]) -> tuple[dict, dict]:
@@ -153,7 +153,7 @@ def make_train_step(
             def loss_of_trainable(t):
                 return compute_loss(
                     model,
-                    stages.merge(t, frozen),
+                    param_tree.merge(t, frozen),
                     micro_batch,
                     rng,
                     aux_loss_coef,
@@ -173,9 +173,9 @@ def make_train_step(
         metrics = {
             k: v.sum(0) if k in SUMMED_METRICS else v.mean(0) for k, v in per_micro_batch.items()
         }
-        full_grads = stages.merge(grads, {k: jnp.zeros_like(v) for k, v in frozen.items()})
+        full_grads = param_tree.merge(grads, {k: jnp.zeros_like(v) for k, v in frozen.items()})
         updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
-        trainable_updates, _ = stages.partition(updates, mask)
+        trainable_updates, _ = param_tree.partition(updates, mask)
         new_trainable = optax.apply_updates(trainable, trainable_updates)
         metrics.update(
             grad_norm=optax.tree.norm(grads),
@@ -184,7 +184,7 @@ def make_train_step(
         )
         new_state = {
             "step": state["step"] + 1,
-            "params": stages.merge(new_trainable, frozen),
+            "params": param_tree.merge(new_trainable, frozen),
             "opt_state": opt_state,
         }
         return new_state, metrics

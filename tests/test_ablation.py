@@ -30,6 +30,9 @@ def test_micro_ablation_runs_every_mode_and_seed(micro_config):
         {"modes": "copy,drop_upcycle,dense", "seeds": "0,1"}
     )
     micro_config.pope.num_per_image = 1
+    with pytest.raises(ValueError, match="model.scan_layers=False"):
+        ablation.run(micro_config)  # the dense baseline needs per-layer params
+    micro_config.model.scan_layers = False  # as configs/ablation.py
     results = ablation.run(micro_config)
     assert [(r["mode"], r["seed"]) for r in results] == [
         (mode, seed) for mode in ("copy", "drop_upcycle", "dense") for seed in (0, 1)

@@ -4,14 +4,17 @@ import dataclasses
 import json
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from moe_llava_jax import flops, metrics_log, sharding, stages, train, train_step
-from moe_llava_jax.models.lvlm import MoELLaVA
+from moe_llava_jax import flops, freeze, metrics_log, param_tree, sharding, train_step, trainer
+from moe_llava_jax.data import from_config
+from moe_llava_jax.models import scan
+from moe_llava_jax.models.lvlm import MoELLaVA, layer_plans
 from moe_llava_jax.models.moe import MoEConfig
 from tests.tiny_models import tiny_lvlm_config
 from tests.helpers import first_batch, make_stage
@@ -36,7 +39,7 @@ def sgd_step(stage, grad_accum_steps):
     def run(params, batch):
         state = {"step": jnp.ones((), jnp.int32), "params": params, "opt_state": tx.init(params)}
         new_state, metrics = jax.jit(step)(state, batch)
-        return stages.flatten(new_state["params"]), metrics
+        return param_tree.flatten(new_state["params"]), metrics
 
     return run
 
@@ -60,7 +63,7 @@ def test_grad_accumulation_equals_the_full_batch_step(micro_config):
     assert_trees_close(accumulated, full, atol=1e-5, rtol=1e-5)
     for key in ("loss", "ce", "answer_tokens", "grad_norm"):
         np.testing.assert_allclose(metrics[key], full_metrics[key], rtol=1e-5, err_msg=key)
-    changed = [k for k in full if not np.array_equal(full[k], stages.flatten(params)[k])]
+    changed = [k for k in full if not np.array_equal(full[k], param_tree.flatten(params)[k])]
     assert any(k.startswith("decoder/") for k in changed)
 
 
@@ -113,7 +116,7 @@ def test_remat_gives_the_same_loss_and_gradients(moe_stage_batch, policy, shown_
     assert "remat" not in plain_jaxpr
     assert jaxpr.count(shown_as) == config.model.decoder.num_layers  # one per block
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
-    assert_trees_close(stages.flatten(remat_grads), stages.flatten(grads), atol=1e-6, rtol=1e-6)
+    assert_trees_close(param_tree.flatten(remat_grads), param_tree.flatten(grads), atol=1e-6, rtol=1e-6)
 
 
 def test_bfloat16_step_trains_float32_master_weights(micro_config):
@@ -200,7 +203,9 @@ def counted(preset, **moe_fields):
     abstract = jax.eval_shape(
         lambda: MoELLaVA(config).init({"params": jax.random.key(0)}, ids, images)
     )["params"]
-    mask = stages.trainable_mask(abstract, preset)
+    # Rules and FLOP units name canonical `layers_{i}` paths.
+    canonical = scan.unstack_layers(nn.unbox(abstract), layer_plans(config))
+    mask = freeze.trainable_mask(canonical, preset)
     return flops.train_step_flops(config, mask, batch=2, seq=12)
 
 
@@ -261,7 +266,7 @@ def test_stage_logs_throughput_and_trains_with_accumulation(micro_config):
     micro_config.peak_flops_per_device = 1e12
     micro_config.stage1.grad_accum_steps = 2
     stage, data, tokenizer = make_stage(micro_config, "stage1")
-    train.train_stage(stage, train.stage_source(micro_config, "stage1", data), tokenizer)
+    trainer.train_stage(stage, from_config.stage_source(micro_config, "stage1", data), tokenizer)
     stage_dir = Path(micro_config.workdir) / "stage1"
     metrics, rates = (
         [json.loads(line) for line in (stage_dir / name).read_text().splitlines()]
@@ -288,7 +293,7 @@ def test_bad_accumulation_fails_naming_the_key(micro_config, key, value, match):
     stage_name, leaf = key.split(".")
     micro_config[stage_name][leaf] = value
     with pytest.raises(ValueError, match=match):
-        train.validate_config(micro_config)
+        trainer.validate_config(micro_config)
 
 
 @pytest.mark.parametrize(
@@ -298,4 +303,4 @@ def test_bad_compute_knobs_fail_naming_the_key(micro_config, key, value):
     micro_config.model[key] = value
     mesh = sharding.make_mesh(micro_config.mesh.to_dict())
     with pytest.raises(ValueError, match=f"model.{key}='{value}'"):
-        train.Stage(micro_config, "stage1", mesh, 300)
+        trainer.Stage(micro_config, "stage1", mesh, 300)

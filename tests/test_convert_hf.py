@@ -11,7 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 
-from moe_llava_jax import stages  # noqa: E402
+from moe_llava_jax import param_tree  # noqa: E402
+from moe_llava_jax.data import from_config
 from moe_llava_jax.convert import hf, safetensors_io  # noqa: E402
 from moe_llava_jax.models.decoder import Decoder  # noqa: E402
 from moe_llava_jax.models.vision import VisionTower  # noqa: E402
@@ -149,7 +150,7 @@ def test_decoder_export_import_round_trip_is_exact(tmp_path, family):
     hf.export_decoder(params, family, tmp_path / "out")
     (tmp_path / "out" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
     _, again = hf.load_decoder(tmp_path / "out")
-    flat, flat_again = stages.flatten(params), stages.flatten(again)
+    flat, flat_again = param_tree.flatten(params), param_tree.flatten(again)
     assert flat.keys() == flat_again.keys()
     for key in flat:
         assert flat[key].tobytes() == flat_again[key].tobytes(), key
@@ -222,7 +223,8 @@ def test_lvlm_splice_matches_pytorch_composition(tmp_path, tower, llm):
     from flax import linen as nn
 
     from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
-    from moe_llava_jax.models.lvlm import LVLMConfig, MoELLaVA
+    from moe_llava_jax.models import scan
+    from moe_llava_jax.models.lvlm import LVLMConfig, MoELLaVA, layer_plans
     from moe_llava_jax.models.projector import Projector
 
     vision_model, text_model = randomized(TOWERS[tower]()), randomized(DECODERS[llm]())
@@ -241,8 +243,9 @@ def test_lvlm_splice_matches_pytorch_composition(tmp_path, tower, llm):
     ids[0, 3 : 3 + n] = IMAGE_TOKEN_INDEX  # image after a 3-token prefix
     ids[1, :n] = IMAGE_TOKEN_INDEX  # image first
     images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
-    model = MoELLaVA(LVLMConfig(vision=vision_cfg, decoder=decoder_cfg))
-    ours, _ = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(images))
+    model_cfg = LVLMConfig(vision=vision_cfg, decoder=decoder_cfg)
+    stacked = scan.stack_layers(params, layer_plans(model_cfg))  # HF: the canonical layout
+    ours, _ = MoELLaVA(model_cfg).apply({"params": stacked}, jnp.asarray(ids), jnp.asarray(images))
 
     with torch.no_grad():
         hidden = vision_model(
@@ -265,7 +268,7 @@ def test_lvlm_splice_matches_pytorch_composition(tmp_path, tower, llm):
 
 
 def test_stages_start_from_pretrained_llm_and_tower(tmp_path, micro_config):
-    from moe_llava_jax import sharding, train
+    from moe_llava_jax import sharding, trainer
 
     llm = randomized(
         transformers.LlamaForCausalLM(
@@ -276,39 +279,37 @@ def test_stages_start_from_pretrained_llm_and_tower(tmp_path, micro_config):
     randomized(TOWERS["clip"]()).save_pretrained(tmp_path / "vision")
     micro_config.model.llm_from = str(tmp_path / "llm")
     micro_config.model.vision_from = str(tmp_path / "vision")
-    data, tokenizer = train.prepare_data(micro_config)
+    data, tokenizer = from_config.prepare_data(micro_config)
     mesh = sharding.make_mesh(micro_config.mesh.to_dict())
     _, decoder = hf.load_decoder(tmp_path / "llm")
     _, vision = hf.load_vision(tmp_path / "vision")
 
-    dense = stages.flatten(
-        train.Stage(micro_config, "stage1", mesh, tokenizer.vocab_size).fresh_params()
-    )
+    dense_stage = trainer.Stage(micro_config, "stage1", mesh, tokenizer.vocab_size)
+    dense = param_tree.flatten(dense_stage.canonical(dense_stage.fresh_params()))
     for prefix, tree in (("decoder", decoder), ("vision", vision)):
-        for path, value in stages.flatten(tree).items():
+        for path, value in param_tree.flatten(tree).items():
             np.testing.assert_array_equal(dense[f"{prefix}/{path}"], value)
 
-    moe = stages.flatten(
-        train.Stage(micro_config, "stage3", mesh, tokenizer.vocab_size).fresh_params()
-    )
+    moe_stage = trainer.Stage(micro_config, "stage3", mesh, tokenizer.vocab_size)
+    moe = param_tree.flatten(moe_stage.canonical(moe_stage.fresh_params()))
     experts = moe["decoder/layers_0/moe/experts/wi_up/kernel"]
     for expert in experts:  # the pretrained FFN, upcycled
         np.testing.assert_array_equal(expert, decoder["layers_0"]["mlp"]["wi_up"]["kernel"])
 
-    stage = train.Stage(micro_config, "stage1", mesh, tokenizer.vocab_size)
-    train.train_stage(stage, train.stage_source(micro_config, "stage1", data), tokenizer)
+    stage = trainer.Stage(micro_config, "stage1", mesh, tokenizer.vocab_size)
+    trainer.train_stage(stage, from_config.stage_source(micro_config, "stage1", data), tokenizer)
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "workdir/stage1/metrics.jsonl")]
     assert len(losses) == 4 and np.all(np.isfinite(losses))
 
 
 def test_tokenizer_larger_than_pretrained_vocab_fails(tmp_path, micro_config):
-    from moe_llava_jax import sharding, train
+    from moe_llava_jax import sharding, trainer
 
     randomized(DECODERS["llama"]()).save_pretrained(tmp_path / "llm")  # vocab 96
     micro_config.model.llm_from = str(tmp_path / "llm")
     mesh = sharding.make_mesh(micro_config.mesh.to_dict())
     with pytest.raises(ValueError, match="vocab_size is only 96"):
-        train.Stage(micro_config, "stage1", mesh, 400)
+        trainer.Stage(micro_config, "stage1", mesh, 400)
 
 
 @pytest.mark.parametrize("family", ["phi", "stablelm", "qwen"])

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moe_llava_jax import checkpoint, sharding, train
+from moe_llava_jax import checkpoint, sharding, trainer
+from moe_llava_jax.data import from_config
 from moe_llava_jax.data.sources import LlavaJsonSource
 
 GOOD_IMAGE = "good.png"
@@ -78,10 +79,10 @@ def test_source_counts_load_time_problems_and_fails_past_the_threshold(broken_js
 def _stage(config, path, steps):
     config.stage2.update(data=str(path), init_from="", num_steps=steps, checkpoint_every=2)
     config.data.update(image_root=str(path.parent), max_bad_fraction=0.15)
-    data, tokenizer = train.prepare_data(config)
+    data, tokenizer = from_config.prepare_data(config)
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    stage = train.Stage(config, "stage2", mesh, tokenizer.vocab_size)
-    return stage, train.stage_source(config, "stage2", data), tokenizer
+    stage = trainer.Stage(config, "stage2", mesh, tokenizer.vocab_size)
+    return stage, from_config.stage_source(config, "stage2", data), tokenizer
 
 
 def test_training_goes_on_and_lists_every_skipped_record_exactly(micro_config, broken_jsonl):
@@ -89,7 +90,7 @@ def test_training_goes_on_and_lists_every_skipped_record_exactly(micro_config, b
     micro_config.stage2.max_length = 64  # 'too_long' records exceed it, good ones do not
     steps, batch = 18, micro_config.stage2.batch_size
     stage, source, tokenizer = _stage(micro_config, path, steps)
-    train.train_stage(stage, source, tokenizer)
+    trainer.train_stage(stage, source, tokenizer)
     metrics = (Path(micro_config.workdir) / "stage2" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(metrics[-1])["step"] == steps
 
@@ -114,9 +115,9 @@ def test_training_goes_on_and_lists_every_skipped_record_exactly(micro_config, b
 
     # Run again from scratch in the same workdir (as after losing every checkpoint): every
     # skipped record is met again, and listed once.
-    shutil.rmtree(train.checkpoint_dir(micro_config, "stage2"))
+    shutil.rmtree(trainer.checkpoint_dir(micro_config, "stage2"))
     before = skipped.read_text()
-    train.train_stage(stage, source, tokenizer)
+    trainer.train_stage(stage, source, tokenizer)
     assert skipped.read_text() == before
 
 
@@ -181,12 +182,12 @@ def test_two_processes_read_disjoint_shards_covering_the_data(
 
 
 def test_stage_data_joins_comma_separated_sources(micro_config):
-    data, _ = train.prepare_data(micro_config)
+    data, _ = from_config.prepare_data(micro_config)
     sizes = []
     for spec in ("captions", "instruct", "captions, instruct"):
         micro_config.stage2.data = spec
-        sizes.append(len(train.stage_source(micro_config, "stage2", data)))
+        sizes.append(len(from_config.stage_source(micro_config, "stage2", data)))
     assert sizes[2] == sizes[0] + sizes[1]
     micro_config.stage2.data = "instruct,missing.json"
     with pytest.raises(FileNotFoundError, match="stage2.data: 'missing.json'"):
-        train.stage_source(micro_config, "stage2", data)
+        from_config.stage_source(micro_config, "stage2", data)

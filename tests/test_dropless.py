@@ -168,11 +168,11 @@ def test_moe_tuning_trains_and_analyses_routing_with_dropless(micro_config):
     import json
     from pathlib import Path
 
-    from moe_llava_jax import train
+    from moe_llava_jax import trainer
 
     micro_config.model.moe.dispatch = "dropless"
     micro_config.routing.after = "stage3"
-    train.run(micro_config)
+    trainer.run(micro_config)
     workdir = Path(micro_config.workdir)
     stage3 = [json.loads(line) for line in (workdir / "stage3" / "metrics.jsonl").open()]
     assert len(stage3) == 4 and all(np.isfinite(m["loss"]) for m in stage3)

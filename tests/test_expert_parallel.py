@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     import json
     import flax.linen as nn
     import jax, jax.numpy as jnp, numpy as np
-    from moe_llava_jax import sharding, train
+    from moe_llava_jax import sharding, trainer
     from moe_llava_jax.models import moe
     from tests import micro_config
     from moe_llava_jax.models.mlp import FFNConfig
@@ -26,7 +26,8 @@ SCRIPT = textwrap.dedent("""
       ffn = FFNConfig(16, 24, "silu" if gated else "gelu", gated, use_bias=True)
       return moe.MoELayer(config, ffn)
 
-    def check(mesh_axes, num_experts=8, top_k=2, gated=True, batch=8):
+    def check(mesh_axes, num_experts=8, top_k=2, gated=True, batch=8,
+              rules=sharding.DEFAULT_LOGICAL_AXIS_RULES):
       model = layer(num_experts, top_k, gated)
       x = jax.random.normal(jax.random.key(0), (batch, 6, 16))  # [b, t, d]
       boxed = model.init(jax.random.key(1), x, deterministic=True)["params"]
@@ -43,10 +44,10 @@ SCRIPT = textwrap.dedent("""
       step = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
       (loss1, out1), grads1 = jax.jit(step)(params, x)  # no mesh: one device
       mesh = sharding.make_mesh(mesh_axes)
-      with jax.set_mesh(mesh):
+      with sharding.mesh_context(mesh, rules):
         splits = batch % (mesh.size // mesh.shape["tensor"]) == 0
         x_sharding = sharding.batch_sharding(mesh) if splits else sharding.replicated(mesh)
-        sharded = (jax.device_put(params, sharding.logical_shardings(boxed, mesh)),
+        sharded = (jax.device_put(params, sharding.logical_shardings(boxed, mesh, rules)),
                    jax.device_put(x, x_sharding))
         jitted = jax.jit(step)
         lowered = jitted.lower(*sharded).as_text()  # before GSPMD adds collectives
@@ -66,6 +67,10 @@ SCRIPT = textwrap.dedent("""
       "fsdp2_expert2_tensor2": check({"fsdp": 2, "expert": 2, "tensor": 2}),
       "top1_ungated": check({"data": 2, "expert": 4}, top_k=1, gated=False),
       "batch2_falls_back": check({"data": 2, "expert": 4}, batch=2),
+      "experts_unsharded_by_rules": check(
+          {"data": 2, "expert": 4},
+          rules=tuple((name, None if name == "expert" else axes)
+                      for name, axes in sharding.DEFAULT_LOGICAL_AXIS_RULES)),
     }
     def error_of(run):
       try:
@@ -78,13 +83,14 @@ SCRIPT = textwrap.dedent("""
       model = layer(6, 2, True)
       x = jnp.zeros((8, 6, 16))
       params = model.init(jax.random.key(1), x, deterministic=True)
-      with jax.set_mesh(sharding.make_mesh({"data": 2, "expert": 4})):
+      mesh = sharding.make_mesh({"data": 2, "expert": 4})
+      with sharding.mesh_context(mesh, sharding.DEFAULT_LOGICAL_AXIS_RULES):
         jax.jit(lambda p, x: model.apply(p, x, True))(params, x)
 
     def uneven_stage():
       config = micro_config.get_config("workdir=/nonexistent,data_root=/nonexistent")
       config.model.moe.num_experts = 6
-      train.Stage(config, "stage3", sharding.make_mesh({"data": 2, "expert": 4}), 300)
+      trainer.Stage(config, "stage3", sharding.make_mesh({"data": 2, "expert": 4}), 300)
 
     results["uneven_layer_error"] = error_of(uneven_layer)
     results["uneven_stage_error"] = error_of(uneven_stage)
@@ -127,6 +133,15 @@ def test_a_batch_that_does_not_split_runs_unsharded(results):
     """A decoding batch of 2 on data x expert = 8 devices: the global path, same numbers."""
     result = results["batch2_falls_back"]
     assert not result["all_to_all"]
+    assert result["relative"] <= 1e-5, result
+
+
+def test_rules_without_an_expert_axis_keep_the_experts_whole(results):
+    """The layer reads the placement from the rules in context, not from the mesh's names:
+    `expert` mapped to no mesh axis -> every device holds all experts, no all-to-all."""
+    result = results["experts_unsharded_by_rules"]
+    assert not result["all_to_all"]
+    assert result["kernel_shard_experts"] == 8
     assert result["relative"] <= 1e-5, result
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_llava_jax import train
+from moe_llava_jax.data import from_config
 from tests import micro_config as micro
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def losses(workdir: Path, stage: str) -> list[float]:
 def runs(tmp_path_factory):
     """(data root, 1-process workdir, 2-process workdir), each trained through 3 stages."""
     data_root = tmp_path_factory.mktemp("data")
-    train.prepare_data(micro.get_config(f"data_root={data_root}"))
+    from_config.prepare_data(micro.get_config(f"data_root={data_root}"))
     single = tmp_path_factory.mktemp("one_process")
     double = tmp_path_factory.mktemp("two_processes")
     train_both_ways(single, double, data_root, "stage1+stage2+stage3")
@@ -119,19 +119,20 @@ RESTORE = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, ".")
     from tests import micro_config as micro
-    from moe_llava_jax import checkpoint, sharding, stages, train
+    from moe_llava_jax import checkpoint, sharding, trainer
+    from moe_llava_jax.data import from_config
 
     workdir, data_root, data_axis, out = sys.argv[1:5]
     config = micro.get_config(f"workdir={workdir},data_root={data_root},run_stages=stage3")
     config.mesh.update(data=int(data_axis), expert=4)
-    data, tokenizer = train.prepare_data(config)
+    data, tokenizer = from_config.prepare_data(config)
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    stage = train.Stage(config, "stage3", mesh, tokenizer.vocab_size)
-    source = train.stage_source(config, "stage3", data)
+    stage = trainer.Stage(config, "stage3", mesh, tokenizer.vocab_size)
+    source = from_config.stage_source(config, "stage3", data)
     iterator = iter(stage.dataset(source, tokenizer, stage.skip_log(source, Path(out + ".skip"))))
-    manager = checkpoint.make_manager(train.checkpoint_dir(config, "stage3"))
+    manager = checkpoint.make_manager(trainer.checkpoint_dir(config, "stage3"))
     state = stage.initial_state(manager, iterator)
-    kernel = state["params"]["decoder"]["layers_0"]["moe"]["experts"]["wi_up"]["kernel"]
+    kernel = state["params"]["decoder"]["scan_0"]["block_0"]["moe"]["experts"]["wi_up"]["kernel"]
     assert len(kernel.sharding.device_set) == jax.device_count(), kernel.sharding
     leaves = jax.tree.leaves(jax.device_get({"params": state["params"],
                                              "opt_state": state["opt_state"]}))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_llava_jax import train
+from moe_llava_jax import trainer
+from moe_llava_jax.data import from_config
 from tests import micro_config as micro
 
 STEPS = 12
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def shared_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    train.prepare_data(micro.get_config(f"data_root={root}"))
+    from_config.prepare_data(micro.get_config(f"data_root={root}"))
     return root
 
 
@@ -99,7 +100,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_0(tmp_path, shared_data,
     assert start_and_signal(tmp_path, shared_data, 4, signal.SIGTERM) == 0
     stopped_at = logged_steps(tmp_path)
     assert 4 <= stopped_at < STEPS
-    checkpoints = train.checkpoint_dir(micro.get_config(f"workdir={tmp_path}"), "stage1")
+    checkpoints = trainer.checkpoint_dir(micro.get_config(f"workdir={tmp_path}"), "stage1")
     assert max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == stopped_at
     run_to_end(tmp_path, shared_data)
     assert metrics(tmp_path) == uninterrupted
@@ -109,7 +110,7 @@ def test_a_torn_save_is_ignored_on_restart(tmp_path, shared_data, uninterrupted)
     """A save killed half-way leaves orbax's temporary folder: the restart resumes from the
     last complete checkpoint and still ends with the uninterrupted log."""
     assert start_and_signal(tmp_path, shared_data, 5, signal.SIGTERM) == 0
-    checkpoints = train.checkpoint_dir(micro.get_config(f"workdir={tmp_path}"), "stage1")
+    checkpoints = trainer.checkpoint_dir(micro.get_config(f"workdir={tmp_path}"), "stage1")
     last = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
     torn = checkpoints / f"{last + 1}.orbax-checkpoint-tmp-1234567890"
     shutil.copytree(checkpoints / str(last), torn)

@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from moe_llava_jax import sharding, train
+from moe_llava_jax import sharding, trainer
+from moe_llava_jax.data import from_config
 from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
 from moe_llava_jax.evaluate import routing
 
@@ -33,13 +34,13 @@ def test_counts_split_by_modality_and_sum_to_tokens():
 
 
 def test_analyse_checkpoint_writes_json_and_png(tmp_path, micro_config):
-    data, tokenizer = train.prepare_data(micro_config)
+    data, tokenizer = from_config.prepare_data(micro_config)
     mesh = sharding.make_mesh(micro_config.mesh.to_dict())
     for name in ("stage1", "stage2", "stage3"):
-        stage = train.Stage(micro_config, name, mesh, tokenizer.vocab_size)
-        train.train_stage(stage, train.stage_source(micro_config, name, data), tokenizer)
+        stage = trainer.Stage(micro_config, name, mesh, tokenizer.vocab_size)
+        trainer.train_stage(stage, from_config.stage_source(micro_config, name, data), tokenizer)
     summary = routing.analyse_checkpoint(
-        train.checkpoint_dir(micro_config, "stage3"), tmp_path / "routing", num_batches=2
+        trainer.checkpoint_dir(micro_config, "stage3"), tmp_path / "routing", num_batches=2
     )
     written = json.loads((tmp_path / "routing" / "routing.json").read_text())
     assert written == json.loads(json.dumps(summary))
@@ -48,7 +49,7 @@ def test_analyse_checkpoint_writes_json_and_png(tmp_path, micro_config):
     assert counts.sum(axis=-1).tolist() == [list(written["tokens"].values())] * counts.shape[0]
     assert written["tokens"]["image"] == 2 * 8 * 4  # 2 batches x 8 records x 4 image tokens
     captions = routing.analyse_checkpoint(
-        train.checkpoint_dir(micro_config, "stage3"),
+        trainer.checkpoint_dir(micro_config, "stage3"),
         tmp_path / "routing_captions",
         num_batches=2,
         data=str(data.captions_json),

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from moe_llava_jax import metrics_log, stages, train_step
+from moe_llava_jax import freeze, metrics_log, param_tree, train_step, upcycling
 from tests.helpers import first_batch, make_stage
 
 
@@ -19,10 +19,11 @@ def fresh_state(stage):
 
 def test_presets_select_expected_leaves(micro_config):
     stage, _, _ = make_stage(micro_config, "stage3")
-    flat = stages.flatten(stage.abstract_params)
+    canonical = stage.canonical(stage.abstract_params)  # rules name `layers_{i}` paths
+    flat = param_tree.flatten(canonical)
 
     def trained(preset):
-        mask = stages.flatten(stages.trainable_mask(stage.abstract_params, preset))
+        mask = param_tree.flatten(freeze.trainable_mask(canonical, preset))
         return {k for k in flat if mask[k]}
 
     assert trained("stage1") == {k for k in flat if k.startswith("projector/")}
@@ -40,7 +41,7 @@ def test_presets_select_expected_leaves(micro_config):
 def test_rules_selecting_nothing_fail(micro_config):
     stage, _, _ = make_stage(micro_config, "stage2")  # dense: has no MoE layers
     with pytest.raises(ValueError, match="select no parameter"):
-        stages.trainable_mask(stage.abstract_params, "stage3_paper")
+        freeze.trainable_mask(stage.canonical(stage.abstract_params), "stage3_paper")
 
 
 def test_upcycled_moe_logits_equal_dense_logits(micro_config):
@@ -50,7 +51,9 @@ def test_upcycled_moe_logits_equal_dense_logits(micro_config):
     dense_params = jax.tree.map(
         lambda x: x + 0.01 * jax.random.normal(jax.random.key(3), x.shape), dense.fresh_params()
     )
-    moe_params = stages.upcycle(dense_params, moe_stage.fresh_params())
+    moe_params = moe_stage.upcycle(
+        dense.canonical(dense_params), moe_stage.canonical(moe_stage.fresh_params())
+    )
     dense_logits, _ = dense.model.apply(
         {"params": dense_params}, batch["input_ids"], batch["images"], deterministic=True
     )
@@ -64,16 +67,16 @@ def test_upcycled_moe_logits_equal_dense_logits(micro_config):
 def test_upcycle_copies_ffn_into_every_expert(micro_config):
     dense, _, _ = make_stage(micro_config, "stage2")
     moe_stage, _, _ = make_stage(micro_config, "stage3")
-    dense_params = dense.fresh_params()
-    init = moe_stage.fresh_params()
-    up = stages.flatten(stages.upcycle(dense_params, init))
-    flat_dense = stages.flatten(dense_params)
+    dense_params = dense.canonical(dense.fresh_params())
+    init = moe_stage.canonical(moe_stage.fresh_params())
+    up = param_tree.flatten(upcycling.upcycle(dense_params, init))
+    flat_dense = param_tree.flatten(dense_params)
     kernel = up["decoder/layers_0/moe/experts/wi_gate/kernel"]
     for e in range(kernel.shape[0]):
         np.testing.assert_array_equal(kernel[e], flat_dense["decoder/layers_0/mlp/wi_gate/kernel"])
     np.testing.assert_array_equal(
         up["decoder/layers_0/moe/router/kernel"],
-        stages.flatten(init)["decoder/layers_0/moe/router/kernel"],
+        param_tree.flatten(init)["decoder/layers_0/moe/router/kernel"],
     )
     np.testing.assert_array_equal(
         up["decoder/layers_1/mlp/wo/kernel"], flat_dense["decoder/layers_1/mlp/wo/kernel"]
@@ -84,16 +87,16 @@ def test_stage_upcycles_as_config_says(micro_config):
     micro_config.upcycle.update(mode="drop_upcycle", drop_fraction=0.25, seed=3)
     dense, _, _ = make_stage(micro_config, "stage2")
     moe_stage, _, _ = make_stage(micro_config, "stage3")
-    dense_params = dense.fresh_params()
-    init = moe_stage.random_params()
-    up = stages.flatten(moe_stage.upcycle(dense_params, init))  # jitted, sharded
-    source = np.asarray(stages.flatten(dense_params)["decoder/layers_0/mlp/wo/kernel"])
+    dense_params = dense.canonical(dense.fresh_params())
+    init = moe_stage.canonical(moe_stage.random_params())
+    up = param_tree.flatten(moe_stage.canonical(moe_stage.upcycle(dense_params, init)))  # jitted
+    source = np.asarray(param_tree.flatten(dense_params)["decoder/layers_0/mlp/wo/kernel"])
     experts = np.asarray(up["decoder/layers_0/moe/experts/wo/kernel"])  # [E, F, d]
     rows_changed = (experts != source).all(axis=2).sum(axis=1)
     np.testing.assert_array_equal(rows_changed, [64 // 4] * experts.shape[0])  # F = 64
     np.testing.assert_array_equal(
         up["decoder/layers_0/moe/router/kernel"],
-        stages.flatten(init)["decoder/layers_0/moe/router/kernel"],
+        param_tree.flatten(init)["decoder/layers_0/moe/router/kernel"],
     )
 
 
@@ -158,7 +161,7 @@ def count_arrays(tree):
 def test_step_touches_only_trainable_leaves(micro_config, name, is_trained):
     stage, data, tokenizer = make_stage(micro_config, name)
     state = fresh_state(stage)
-    before = stages.flatten(jax.device_get(state["params"]))
+    before = param_tree.flatten(jax.device_get(state["params"]))
     num_trainable = sum(is_trained(k) for k in before)
     # Adam keeps mu and nu for trainable leaves only; frozen slots are MaskedNodes.
     assert count_arrays(state["opt_state"]) == 2 * num_trainable
@@ -173,7 +176,7 @@ def test_step_touches_only_trainable_leaves(micro_config, name, is_trained):
     batch = first_batch(stage, data, tokenizer)
     state, metrics = stage.train_step(state, batch)
     state, metrics = stage.train_step(state, batch)  # step 0 has lr 0 (warmup)
-    after = stages.flatten(jax.device_get(state["params"]))
+    after = param_tree.flatten(jax.device_get(state["params"]))
     for path in before:
         if is_trained(path):
             if "/moe/" in path or "kernel" in path:

@@ -1,12 +1,18 @@
 """The trainer: resume mid-stage, init_from between stages, config errors naming keys."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
-from moe_llava_jax import sharding, train
+from moe_llava_jax import param_tree, sharding, trainer
+from moe_llava_jax.data import from_config
 
 
 def stage_metrics(config, name):
@@ -15,17 +21,17 @@ def stage_metrics(config, name):
 
 
 def run_stage(config, name):
-    data, tokenizer = train.prepare_data(config)
+    data, tokenizer = from_config.prepare_data(config)
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    stage = train.Stage(config, name, mesh, tokenizer.vocab_size)
-    return train.train_stage(stage, train.stage_source(config, name, data), tokenizer)
+    stage = trainer.Stage(config, name, mesh, tokenizer.vocab_size)
+    return trainer.train_stage(stage, from_config.stage_source(config, name, data), tokenizer)
 
 
 def test_resume_mid_stage_continues_step_count_and_schedule(micro_config):
     run_stage(micro_config, "stage1")  # 4 steps, checkpoints at 2 and 4
     uninterrupted = stage_metrics(micro_config, "stage1")
     assert [m["step"] for m in uninterrupted] == [1, 2, 3, 4]
-    ckpt_dir = train.checkpoint_dir(micro_config, "stage1")
+    ckpt_dir = trainer.checkpoint_dir(micro_config, "stage1")
     shutil.rmtree(ckpt_dir / "4")  # as if the process died after step 3
     run_stage(micro_config, "stage1")
     # The log is cut back to the checkpoint (step 2), then steps 3-4 are logged again: with
@@ -44,9 +50,27 @@ def test_three_stages_chain_through_init_from(micro_config):
     assert stage3[0]["ce"] == pytest.approx(stage2_last, rel=0.5)  # starts where stage 2 ended
 
 
+def test_a_looped_checkpoint_starts_a_scanned_stage(micro_config):
+    """Layout is a run-time choice: stage 1 trained with the loop, stage 2 scanned restores
+    it through the canonical layout, every param equal."""
+    micro_config.model.scan_layers = False
+    looped = jax.device_get(run_stage(micro_config, "stage1"))  # the canonical layout
+    micro_config.model.scan_layers = True
+    data, tokenizer = from_config.prepare_data(micro_config)
+    mesh = sharding.make_mesh(micro_config.mesh.to_dict())
+    stage2 = trainer.Stage(micro_config, "stage2", mesh, tokenizer.vocab_size)
+    params = stage2.initial_params()
+    assert "scan_0" in params["decoder"] and "layers_0" in looped["decoder"]
+    restored = param_tree.flatten(jax.device_get(stage2.canonical(params)))
+    expected = param_tree.flatten(looped)
+    assert restored.keys() == expected.keys()
+    for path, value in expected.items():
+        np.testing.assert_array_equal(restored[path], value, err_msg=path)
+
+
 def test_missing_init_from_names_the_command(micro_config):
     mesh = sharding.make_mesh(micro_config.mesh.to_dict())
-    stage = train.Stage(micro_config, "stage3", mesh, 300)
+    stage = trainer.Stage(micro_config, "stage3", mesh, 300)
     with pytest.raises(FileNotFoundError, match=r"stage3.init_from.*configs/stage2.py"):
         stage.initial_params()
 
@@ -70,7 +94,7 @@ def test_bad_config_values_fail_naming_the_key(micro_config, key, value, match):
         target = target[part]
     target[leaf] = value
     with pytest.raises(ValueError, match=match.replace("(", r"\(")):
-        train.validate_config(micro_config)
+        trainer.validate_config(micro_config)
 
 
 def test_non_finite_updates_are_skipped_then_the_run_saves_and_stops(micro_config):
@@ -79,12 +103,40 @@ def test_non_finite_updates_are_skipped_then_the_run_saves_and_stops(micro_confi
     counted, and after `max_nonfinite_steps` in a row the stage saves and stops."""
     micro_config.stage1.update(lr=1e30, num_steps=12, warmup_ratio=0.0)
     micro_config.max_nonfinite_steps = 3
-    with pytest.raises(train.NonFiniteLossError, match=r"3 steps in a row \(up to step (\d+)\)"):
+    with pytest.raises(trainer.NonFiniteLossError, match=r"3 steps in a row \(up to step (\d+)\)"):
         run_stage(micro_config, "stage1")
     logged = stage_metrics(micro_config, "stage1")
     streaks = [m["nonfinite_streak"] for m in logged]
     last = logged[-1]["step"]
     assert streaks[-3:] == [1, 2, 3] and logged[-1]["nonfinite_total"] == 3
     assert last < 12  # stopped early
-    ckpt = train.checkpoint_dir(micro_config, "stage1")
+    ckpt = trainer.checkpoint_dir(micro_config, "stage1")
     assert last in [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]
+
+
+def trainer_command(micro_config, *extra):
+    config = (
+        f"tests/micro_config.py:workdir={micro_config.workdir},"
+        f"data_root={micro_config.data.root},run_stages=stage2"
+    )
+    return [sys.executable, "-m", "moe_llava_jax.train", f"--config={config}", *extra]
+
+
+def test_the_command_line_reports_a_missing_checkpoint_in_one_line(micro_config):
+    """Stage 2 without stage 1's checkpoint: one line naming the key and the command that
+    makes the checkpoint, exit status 2, no traceback (unless --debug)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    plain = subprocess.run(
+        trainer_command(micro_config), capture_output=True, text=True, env=env, timeout=300
+    )
+    assert plain.returncode == 2, plain.stderr[-2000:]
+    assert "Traceback" not in plain.stderr
+    error = [line for line in plain.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "stage2.init_from='stage1'" in error[0], plain.stderr[-2000:]
+    assert "python -m moe_llava_jax.train --config=configs/stage1.py" in error[0]
+    debug = subprocess.run(
+        trainer_command(micro_config, "--debug"), capture_output=True, text=True, env=env,
+        timeout=300,
+    )
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    assert "FileNotFoundError" in debug.stderr

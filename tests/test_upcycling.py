@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_llava_jax import stages, train
+from moe_llava_jax import param_tree, trainer, upcycling
 from moe_llava_jax.models.mlp import MLP, FFNConfig
 from moe_llava_jax.models.moe import MoEConfig, MoELayer
 
@@ -31,9 +31,9 @@ def dense_params(ffn: FFNConfig) -> dict:
     """A 'trained' dense FFN: every leaf (biases too) random, with its own mean (2.5 of its
     stds away from 0, so a re-init that ignored it would show) and scale."""
     init = nn.unbox(MLP(ffn).init(jax.random.key(0), X)["params"])
-    flat = stages.flatten(init)
+    flat = param_tree.flatten(init)
     keys = jax.random.split(jax.random.key(1), len(flat))
-    return stages.unflatten(
+    return param_tree.unflatten(
         {
             path: (i + 1) * (0.5 + 0.2 * jax.random.normal(key, value.shape))
             for i, ((path, value), key) in enumerate(zip(flat.items(), keys))
@@ -56,8 +56,8 @@ def trees(ffn: FFNConfig, shared_expert: bool = False) -> tuple[dict, dict]:
 def up(ffn: FFNConfig, mode: str, shared_expert: bool = False, **kwargs) -> tuple[dict, dict]:
     """(flat dense, flat upcycled) params of layer 0."""
     dense, moe_init = trees(ffn, shared_expert)
-    upcycled = stages.upcycle(dense, moe_init, jax.random.key(5), mode=mode, **kwargs)
-    return stages.flatten(dense), stages.flatten(upcycled)
+    upcycled = upcycling.upcycle(dense, moe_init, jax.random.key(5), mode=mode, **kwargs)
+    return param_tree.flatten(dense), param_tree.flatten(upcycled)
 
 
 def expert_pairs(dense: dict, upcycled: dict):
@@ -73,7 +73,7 @@ def expert_pairs(dense: dict, upcycled: dict):
 def test_copy_keeps_the_layer_equal_to_the_dense_ffn(gated):
     ffn = ffn_config(gated)
     dense, moe_init = trees(ffn)
-    params = stages.upcycle(dense, moe_init)["layers_0"]["moe"]
+    params = upcycling.upcycle(dense, moe_init)["layers_0"]["moe"]
     out, stats = moe_layer(ffn).apply({"params": params}, X, deterministic=True)
     assert float(stats["dropped_fraction"]) == 0.0
     assert int((stats["expert_load"] > 0).sum()) >= 3  # tokens really spread over experts
@@ -133,8 +133,8 @@ def test_drop_upcycle_reinitialises_floor_r_f_channels_per_expert(gated, interme
 
 def test_random_keeps_the_fresh_moe_init():
     dense, moe_init = trees(ffn_config(), shared_expert=True)
-    upcycled = stages.flatten(stages.upcycle(dense, moe_init, mode="random"))
-    for path, value in stages.flatten(moe_init).items():
+    upcycled = param_tree.flatten(upcycling.upcycle(dense, moe_init, mode="random"))
+    for path, value in param_tree.flatten(moe_init).items():
         if "/moe/" in path:
             np.testing.assert_array_equal(upcycled[path], value, err_msg=path)
 
@@ -143,9 +143,9 @@ def test_random_keeps_the_fresh_moe_init():
 def test_router_from_init_and_shared_expert_copied_exactly(mode):
     ffn = ffn_config()
     dense, moe_init = trees(ffn, shared_expert=True)
-    upcycled = stages.flatten(stages.upcycle(dense, moe_init, jax.random.key(5), mode=mode))
-    init = stages.flatten(moe_init)
-    for path, value in stages.flatten(dense).items():
+    upcycled = param_tree.flatten(upcycling.upcycle(dense, moe_init, jax.random.key(5), mode=mode))
+    init = param_tree.flatten(moe_init)
+    for path, value in param_tree.flatten(dense).items():
         if "/mlp/" in path:
             shared = path.replace("/mlp/", "/moe/shared_expert/")
             np.testing.assert_array_equal(upcycled[shared], value, err_msg=shared)
@@ -157,7 +157,7 @@ def test_shared_expert_output_is_routed_plus_dense():
     ffn = ffn_config()
     # Upcycled, so routed and shared outputs have the same scale; noisy, so they differ.
     _, upcycled = up(ffn, "copy_noise", shared_expert=True, noise_scale=0.3)
-    params = stages.unflatten(upcycled)["layers_0"]["moe"]
+    params = param_tree.unflatten(upcycled)["layers_0"]["moe"]
     out, _ = moe_layer(ffn, shared_expert=True).apply({"params": params}, X, deterministic=True)
     routed_params = {k: v for k, v in params.items() if k != "shared_expert"}
     routed, _ = moe_layer(ffn).apply({"params": routed_params}, X, deterministic=True)
@@ -169,14 +169,14 @@ def test_shared_expert_output_is_routed_plus_dense():
 def test_modes_that_draw_need_an_rng():
     dense, moe_init = trees(ffn_config())
     with pytest.raises(ValueError, match="needs an rng"):
-        stages.upcycle(dense, moe_init, mode="drop_upcycle")
+        upcycling.upcycle(dense, moe_init, mode="drop_upcycle")
 
 
 def test_upcycle_jits_with_static_mode():
     ffn = ffn_config()
     dense, moe_init = trees(ffn)
-    jitted = jax.jit(functools.partial(stages.upcycle, mode="drop_upcycle"))
-    eager = stages.upcycle(dense, moe_init, jax.random.key(5), mode="drop_upcycle")
+    jitted = jax.jit(functools.partial(upcycling.upcycle, mode="drop_upcycle"))
+    eager = upcycling.upcycle(dense, moe_init, jax.random.key(5), mode="drop_upcycle")
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),  # XLA fuses
         jitted(dense, moe_init, jax.random.key(5)),
@@ -197,4 +197,4 @@ def test_bad_upcycle_and_router_settings_name_the_key(micro_config, key, value, 
     node, _, leaf = key.rpartition(".")
     (micro_config[node] if node else micro_config)[leaf] = value
     with pytest.raises(ValueError, match=match):
-        train.validate_config(micro_config)
+        trainer.validate_config(micro_config)

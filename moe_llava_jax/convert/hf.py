@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from moe_llava_jax import stages
+from moe_llava_jax import param_tree
 from moe_llava_jax.convert import families, name_rules, safetensors_io
 from moe_llava_jax.models.decoder import Decoder, DecoderConfig
 from moe_llava_jax.models.projector import Projector
@@ -36,7 +36,7 @@ def read_hf_config(directory: str | Path) -> dict:
 
 
 def _shapes(abstract_params: Mapping) -> dict[str, tuple[int, ...]]:
-    return {path: tuple(x.shape) for path, x in stages.flatten(nn.unbox(abstract_params)).items()}
+    return {path: tuple(x.shape) for path, x in param_tree.flatten(nn.unbox(abstract_params)).items()}
 
 
 def decoder_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
@@ -55,7 +55,7 @@ def vision_shapes(config: VisionConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _as_tree(flat: Mapping[str, np.ndarray]) -> dict:
-    return stages.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+    return param_tree.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
 def load_decoder(directory: str | Path) -> tuple[DecoderConfig, dict]:
@@ -119,7 +119,7 @@ def export_moe_llava(
 ) -> None:
     """{"decoder", "projector"} params -> the MoE-LLaVA tensor layout (DeepSpeed expert names)."""
     rules = families.moe_llava_rules(model_type, projector)
-    _export(name_rules.export_tensors(stages.flatten(params), rules), directory, dtype)
+    _export(name_rules.export_tensors(param_tree.flatten(params), rules), directory, dtype)
 
 
 def _export(flat_tensors: Mapping[str, np.ndarray], directory: str | Path, dtype) -> None:
@@ -133,10 +133,10 @@ def export_decoder(
 ) -> None:
     """Our decoder params -> `directory/model.safetensors` in the HF layout of `model_type`."""
     rules = families.decoder_rules(model_type)
-    _export(name_rules.export_tensors(stages.flatten(params), rules), directory, dtype)
+    _export(name_rules.export_tensors(param_tree.flatten(params), rules), directory, dtype)
 
 
 def export_vision(params: Mapping, directory: str | Path, dtype=np.float32) -> None:
     _export(
-        name_rules.export_tensors(stages.flatten(params), families.vision_rules()), directory, dtype
+        name_rules.export_tensors(param_tree.flatten(params), families.vision_rules()), directory, dtype
     )

@@ -4,8 +4,8 @@ Command:
   python -m moe_llava_jax.data.inspect --config=configs/stage2.py [--stage stage2] [--num 4]
       [--out grid.png]
 
-Loads the stage's data through the training code itself (`train.prepare_data`,
-`train.stage_source`, `train.Stage.preprocessing`, `make_example`), so what it shows is what
+Loads the stage's data through the training code itself (`from_config.prepare_data`,
+`from_config.stage_source`, `build.StageModel.preprocessing`, `make_example`), so what it shows is what
 a step consumes: a wrong template, image root, aspect mode or label mask is visible before
 a run is spent on it. Per example it prints the decoded tokens with the unsupervised parts
 (label = IGNORE_INDEX) inside `[prompt]...[/prompt]` and the supervised ones plain, image
@@ -22,10 +22,11 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from moe_llava_jax import sharding, train
+from moe_llava_jax import build, cli, sharding
+from moe_llava_jax.data import from_config
 from moe_llava_jax.data.conversation import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
@@ -116,10 +117,10 @@ def save_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: Path) -
 def inspect_stage(config: ml_collections.ConfigDict, stage: str, num: int, out: str | Path) -> str:
     """Renders the first `num` records of `stage`'s data (as text, also returned) and writes
     their preprocessed images to `out`. A record training would skip is shown as skipped."""
-    data, tokenizer = train.prepare_data(config)
-    source = train.stage_source(config, stage, data)
+    data, tokenizer = from_config.prepare_data(config)
+    source = from_config.stage_source(config, stage, data)
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    prep = train.Stage(config, stage, mesh, tokenizer.vocab_size).preprocessing()
+    prep = build.StageModel(config, stage, mesh, tokenizer.vocab_size).preprocessing()
     template = get_template(config[stage].template)
     lines = [
         f"{stage}: {len(source)} records from {source!r}",
@@ -167,11 +168,11 @@ def main(argv: Sequence[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # jax's backend probing is chatty at INFO
     config, args = flags.FLAGS.config, flags.FLAGS
-    stage = args.stage or train.stage_names(config)[0]
+    stage = args.stage or build.stage_names(config)[0]
     out = args.out or Path(config.workdir) / stage / "inspect.png"
     print(inspect_stage(config, stage, args.num, out))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

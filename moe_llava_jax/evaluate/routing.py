@@ -20,20 +20,27 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from einops import rearrange
 
+from moe_llava_jax import cli
+from moe_llava_jax.answering import Predictor
+from moe_llava_jax.data import from_config
 from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
+from moe_llava_jax.data.sources import LlavaJsonSource
+from moe_llava_jax.models import scan
+from moe_llava_jax.models.lvlm import layer_plans
 
 MODALITIES = ("image", "text")
 
 
 def routing_intermediates(model, params: Mapping, input_ids: jax.Array, images: jax.Array):
-    """The model's eval forward, keeping what each MoE layer sowed (its expert choices)."""
+    """The model's eval forward, keeping what each MoE layer sowed (its expert choices), in
+    the canonical per-layer layout (`models/scan.py`: scanned layers sow stacked values)."""
     _, state = model.apply(
         {"params": params}, input_ids, images, deterministic=True, mutable=["intermediates"]
     )
-    return state["intermediates"]
+    return scan.unstack_layers(state["intermediates"], layer_plans(model.config))
 
 
 def expert_choices(intermediates: Mapping, batch: int) -> np.ndarray:
@@ -115,7 +122,7 @@ def plot(summary: Mapping, path: str | Path) -> None:
 def analyse(stage, params: Mapping, source, tokenizer, num_batches: int, out_dir) -> dict:
     """Routing statistics of `stage`'s model on the first `num_batches` of its training
     batches from `source` -> summary; writes routing.json and routing.png under `out_dir`.
-    `stage` is a `train.Stage`."""
+    `stage` is a `build.StageModel` (a trainer's `train.Stage` or a `Predictor`'s)."""
     out_dir = Path(out_dir)
     moe = stage.model_cfg.decoder.moe
     if moe is None:
@@ -143,11 +150,7 @@ def analyse_checkpoint(
 ) -> dict:
     """`analyse` for a saved stage, on its own training data or on a LLaVA JSON/JSONL `data`
     file (image paths relative to `image_root`, default: the file's folder)."""
-    # Imported here: `train` itself runs `analyse` at the end of a MoE-Tuning run.
-    from moe_llava_jax import predict, train
-    from moe_llava_jax.data.sources import LlavaJsonSource
-
-    predictor = predict.Predictor(checkpoint_dir)
+    predictor = Predictor(checkpoint_dir)
     stage, config = predictor.stage, predictor.config
     tokenizer = predictor.tokenizer
     if data:
@@ -155,7 +158,7 @@ def analyse_checkpoint(
             data, image_root or Path(data).parent, config.data.max_bad_fraction
         )
     else:
-        source = train.stage_source(config, stage.name, train.prepare_data(config)[0])
+        source = from_config.stage_source(config, stage.name, from_config.prepare_data(config)[0])
     return analyse(stage, predictor.params, source, tokenizer, num_batches, out_dir)
 
 
@@ -174,7 +177,8 @@ def main(argv) -> None:
 
 
 def define_flags() -> None:
-    """Command-line flags, defined only when run as a program (modules import each other)."""
+    """Command-line flags, defined only when run as a program: the trainer imports `analyse`
+    and must not grow these flags."""
     flags.DEFINE_string("checkpoint", None, "A stage-3 (MoE) checkpoints directory.")
     flags.DEFINE_string("out", None, "Output folder (default: next to the checkpoints).")
     flags.DEFINE_integer("num_batches", 8, "Batches of the stage's data to analyse.")
@@ -185,4 +189,4 @@ def define_flags() -> None:
 if __name__ == "__main__":
     define_flags()
     flags.mark_flag_as_required("checkpoint")
-    app.run(main)
+    cli.run(main)

@@ -18,13 +18,13 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from moe_llava_jax import sharding, stages, train
+from moe_llava_jax import cli, param_tree, sharding, trainer, upcycling
+from moe_llava_jax.data import from_config
 from moe_llava_jax.evaluate import pope
 from moe_llava_jax.models.moe import moe_layer_indices
 
@@ -55,9 +55,9 @@ def variant_config(
 
 
 def expert_cosine_distance(params: Mapping) -> float:
-    """Mean over MoE layers of the mean pairwise cosine distance between experts' weights
+    """`params` in the canonical layout (`layers_{i}`, `Stage.canonical`). Mean over MoE layers of the mean pairwise cosine distance between experts' weights
     (all of an expert's tensors flattened into one vector): 0 for identical copies."""
-    flat = stages.flatten(params)
+    flat = param_tree.flatten(params)
     layers: dict[str, list[np.ndarray]] = {}
     for path, value in flat.items():
         if "/moe/experts/" in path:
@@ -90,9 +90,9 @@ def run_variant(
 ) -> dict:
     """Train one stage-3 variant, then measure it: POPE, expert distances, routing."""
     config, name = variant_config(base, mode, seed)
-    stage = train.Stage(config, name, mesh, tokenizer.vocab_size)
-    source = train.stage_source(config, name, data)
-    params = train.train_stage(stage, source, tokenizer)
+    stage = trainer.Stage(config, name, mesh, tokenizer.vocab_size)
+    source = from_config.stage_source(config, name, data)
+    params = trainer.train_stage(stage, source, tokenizer)
     steps, ce = training_curve(Path(config.workdir) / name / "metrics.jsonl")
     tail = max(1, len(ce) // 10)
     result = {
@@ -101,13 +101,13 @@ def run_variant(
         "steps": steps,
         "ce": ce,
         "final_ce": float(np.mean(ce[-tail:])),  # mean of the last 10% of logged points
-        "pope": train.run_pope(
+        "pope": trainer.run_pope(
             config, stage, params, tokenizer, data.root, data.eval_annotations_json
         ),
     }
     if mode != DENSE:
-        summary = train.analyse_routing(stage, params, source, tokenizer)
-        result["expert_distance"] = expert_cosine_distance(params)
+        summary = trainer.analyse_routing(stage, params, source, tokenizer)
+        result["expert_distance"] = expert_cosine_distance(stage.canonical(params))
         result["modality_divergence"] = modality_divergence(summary)
     return result
 
@@ -162,21 +162,28 @@ def plot_curves(results: Sequence[dict], modes: Sequence[str], path: Path) -> No
 def run(config: ml_collections.ConfigDict) -> list[dict]:
     modes = [m for m in config.ablation.modes.split(",") if m]
     seeds = [int(s) for s in config.ablation.seeds.split(",") if s]
-    unknown = set(modes) - set(stages.UPCYCLE_MODES) - {DENSE}
+    unknown = set(modes) - set(upcycling.UPCYCLE_MODES) - {DENSE}
     if unknown:
         raise ValueError(
             f"config key ablation.modes: unknown {sorted(unknown)}; known: "
-            f"{[*stages.UPCYCLE_MODES, DENSE]}"
+            f"{[*upcycling.UPCYCLE_MODES, DENSE]}"
         )
-    train.validate_config(config)
+    if DENSE in modes and config.model.scan_layers:
+        raise ValueError(
+            "config key ablation.modes: the dense baseline trains the FFNs of only the layers "
+            "MoE would replace, which a scanned stack cannot single out: set "
+            "model.scan_layers=False (configs/ablation.py does)"
+        )
+    trainer.validate_config(config)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    data, tokenizer = train.prepare_data(config)
+    data, tokenizer = from_config.prepare_data(config)
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    with jax.set_mesh(mesh):  # as in train.run
+    rules = sharding.rules_from_config(config.sharding_rules)
+    with sharding.mesh_context(mesh, rules):  # as in trainer.run
         for name in ("stage1", "stage2"):  # the shared start (resumed when already trained)
-            stage = train.Stage(config, name, mesh, tokenizer.vocab_size)
-            train.train_stage(stage, train.stage_source(config, name, data), tokenizer)
+            stage = trainer.Stage(config, name, mesh, tokenizer.vocab_size)
+            trainer.train_stage(stage, from_config.stage_source(config, name, data), tokenizer)
         results = [
             run_variant(config, mode, seed, mesh, data, tokenizer)
             for mode, seed in itertools.product(modes, seeds)
@@ -195,12 +202,12 @@ def main(argv) -> None:
     start = time.time()
     config = flags.FLAGS.config
     # Every variant compiles the same programs: the persistent cache compiles them once.
-    jax.config.update("jax_compilation_cache_dir", str(Path(config.workdir) / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if (cache := trainer.compilation_cache_dir(config)) is not None:
+        cli.enable_compilation_cache(cache, min_compile_seconds=0.5)
     run(config)
     print(f"done in {time.time() - start:.0f}s; workdir: {config.workdir}")
 
 
 if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "An ablation config file.")
-    app.run(main)
+    cli.run(main)

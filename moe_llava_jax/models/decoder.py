@@ -22,8 +22,9 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from moe_llava_jax.models import layers
+from moe_llava_jax.models import layers, scan
 from moe_llava_jax.models.attention import Attention
 from moe_llava_jax.models.mlp import MLP, FFNConfig
 from moe_llava_jax.models.moe import MoEConfig, MoELayer, moe_layer_indices
@@ -115,31 +116,89 @@ class DecoderBlock(nn.Module):
         return x, stats
 
 
+class DecoderUnit(nn.Module):
+    """The blocks of one scanned unit, applied in turn: (x, positions, valid, deterministic,
+    decode) -> (x, the MoE blocks' statistics). `kinds[j]`: whether block j is MoE."""
+
+    config: DecoderConfig
+    kinds: tuple[bool, ...]
+    dtype: jnp.dtype
+    remat: str
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        valid: jax.Array | None,
+        deterministic: bool,
+        decode: bool,
+    ) -> tuple[jax.Array, tuple[dict | None, ...]]:
+        block = remat_block(self.remat, prevent_cse=False)  # scan already keeps CSE apart
+        stats = []
+        for j, use_moe in enumerate(self.kinds):
+            x, s = block(self.config, use_moe, self.dtype, name=f"block_{j}")(
+                x, positions, valid, deterministic, decode
+            )
+            stats.append(s)
+        return x, tuple(stats)
+
+
+def remat_block(remat: str, prevent_cse: bool = True) -> type[nn.Module]:
+    """`DecoderBlock`, rematerialised as `model.remat` says."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"config key model.remat={remat!r}: expected one of {tuple(REMAT_POLICIES)}")
+    if remat == "none":
+        return DecoderBlock
+    # Arguments 4, 5 (self = 0) are the Python bools `deterministic` and `decode`.
+    return nn.remat(
+        DecoderBlock,
+        policy=REMAT_POLICIES[remat],
+        static_argnums=(4, 5),
+        prevent_cse=prevent_cse,
+    )
+
+
+def in_layer_order(per_segment: list[tuple[list[int], dict]]) -> dict:
+    """[(layer indices [n], stats with leading axis [n])] -> stats stacked over layers in
+    layer order (scanned units return their blocks' statistics by member, not by layer)."""
+    if not per_segment:
+        return {}
+    layers = np.concatenate([np.asarray(ids) for ids, _ in per_segment])
+    order = np.argsort(layers)
+    stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(s for _, s in per_segment))
+    return jax.tree.map(lambda x: x[order], stacked)
+
+
 class Decoder(nn.Module):
     config: DecoderConfig
     dtype: jnp.dtype = jnp.float32  # compute dtype (module docstring)
     remat: str = "none"  # a REMAT_POLICIES name
+    scan_layers: bool = False  # `nn.scan` over repeating blocks (`scan.py`); same math
+
+    @property
+    def plan(self) -> scan.Plan:
+        cfg = self.config
+        if not self.scan_layers:
+            return scan.looped(tuple(i in set(cfg.moe_layers) for i in range(cfg.num_layers)))
+        placement = None if cfg.moe is None else cfg.moe.layers
+        return scan.plan_decoder(cfg.num_layers, cfg.moe_layers, placement)
 
     def setup(self):
         cfg = self.config
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(
-                f"config key model.remat={self.remat!r}: expected one of {tuple(REMAT_POLICIES)}"
-            )
         self.embed_tokens = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
             dtype=self.dtype,
             embedding_init=layers.logical_init(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
-        block = DecoderBlock
-        if self.remat != "none":
-            # Arguments 4, 5 (self = 0) are the Python bools `deterministic` and `decode`.
-            block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(4, 5))
-        moe_layers = set(cfg.moe_layers)
-        self.layers = [
-            block(cfg, use_moe=i in moe_layers, dtype=self.dtype) for i in range(cfg.num_layers)
-        ]
+        for segment in self.plan:
+            if segment.scanned:
+                unit = scan.scan_unit(DecoderUnit, segment.repeats, num_broadcast_args=4)
+                module = unit(cfg, segment.kinds, self.dtype, self.remat)
+            else:
+                module = remat_block(self.remat)(cfg, segment.kinds[0], self.dtype)
+            setattr(self, segment.name, module)  # named as the layouts of `scan.py` say
         self.final_norm = layers.norm(cfg.norm, cfg.norm_eps, dtype=self.dtype)
         if not cfg.tie_embeddings:
             self.lm_head = layers.dense(
@@ -160,14 +219,18 @@ class Decoder(nn.Module):
         decode: bool = False,
     ) -> tuple[jax.Array, dict]:
         """x: [batch, seq, embed] -> logits [batch, seq, vocab] (f32) and MoE statistics
-        stacked over the MoE layers (`aux_loss`, `z_loss`, `router_entropy`,
+        stacked over the MoE layers in layer order (`aux_loss`, `z_loss`, `router_entropy`,
         `dropped_fraction` [L_moe]; `expert_load` [L_moe, E]); empty dict for a dense model."""
-        per_layer = []
-        for block in self.layers:
-            x, stats = block(x, positions, valid, deterministic, decode)
-            if stats is not None:
-                per_layer.append(stats)
+        per_segment = []
+        for segment in self.plan:
+            module = getattr(self, segment.name)
+            x, stats = module(x, positions, valid, deterministic, decode)
+            if not segment.scanned:  # one block: its stats as a stack of one layer
+                stats = (jax.tree.map(lambda v: v[None], stats),)
+            for member, member_stats in enumerate(stats):  # member j's, stacked over repeats
+                if member_stats is not None:
+                    ids = [segment.layer(r, member) for r in range(segment.repeats)]
+                    per_segment.append((ids, member_stats))
         x = self.final_norm(x)
         logits = self.embed_tokens.attend(x) if self.config.tie_embeddings else self.lm_head(x)
-        moe_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
-        return logits.astype(jnp.float32), moe_stats
+        return logits.astype(jnp.float32), in_layer_order(per_segment)

@@ -4,13 +4,16 @@ The assignments are sorted by expert (stable, so token order within an expert) a
 experts run as grouped matmuls over the sorted rows (`grouped_matmul.py`): the FLOPs are
 the routed ones, with no buffer padded to a capacity.
 
-Expert parallelism. When a mesh with an `expert` axis of size P > 1 is the context mesh
-(`jax.set_mesh`, as `train.run` does), the experts' params are split E/P per device and the
-layer runs under `jax.shard_map`: each device sorts its own tokens' assignments by expert,
-sends each expert's rows to the device holding that expert (`all_to_all` over `expert`),
-receives the rows of its E/P experts from every device, runs its experts, and sends the
-outputs back the same way. The batch stays split over every batch axis (`data`, `fsdp`,
-`expert`) throughout; the `tensor` axis, if any, repeats the expert computation.
+Expert parallelism. When the logical axis rules in context map the logical `expert` axis
+to axes of the context mesh of P > 1 devices (`sharding.mesh_context`, as `train.run` enters
+them; by default the mesh axis `expert`), the experts' params are split E/P per device and
+the layer runs under `jax.shard_map`: each device sorts its own tokens' assignments by
+expert, sends each expert's rows to the device holding that expert (`all_to_all` over those
+axes), receives the rows of its E/P experts from every device, runs its experts, and sends
+the outputs back the same way. The batch stays split over the mesh axes of the logical
+`batch` axis (by default `data`, `fsdp`, `expert`) throughout; other mesh axes (by default
+`tensor`) repeat the expert computation. The layer reads the rules, never a table: the
+placement is the config's (`sharding_rules`).
 
 Shapes are static, so each device sends every peer a buffer of n * k rows (n = its tokens):
 what a peer receives if every token chose its experts. The real rows of each buffer come
@@ -24,15 +27,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
+from jax.sharding import AbstractMesh, PartitionSpec
 
 from moe_llava_jax.models.grouped_matmul import grouped_matmul
 from moe_llava_jax.models.mlp import FFNConfig, ffn_apply, joined_projections
-from moe_llava_jax.sharding import BATCH_AXES
-
-EXPERT_AXIS = "expert"
 
 
 def grouped_ffn(
@@ -65,10 +66,12 @@ def _on_expert_devices(
     params: Mapping,
     ffn: FFNConfig,
     implementation: str | None,
+    expert_axes: tuple[str, ...],
 ) -> jax.Array:
-    """Inside shard_map: rows [m, d] sorted by expert, counts [E] per expert -> their outputs
-    [m, d], computed on the devices that hold the experts (module docstring)."""
-    devices = jax.lax.axis_size(EXPERT_AXIS)
+    """Inside shard_map over `expert_axes`: rows [m, d] sorted by expert, counts [E] per
+    expert -> their outputs [m, d], computed on the devices that hold the experts (module
+    docstring)."""
+    devices = jax.lax.axis_size(expert_axes)
     local = counts.shape[0] // devices  # experts per device
     m, dim = rows.shape
     per_device = counts.reshape(devices, local).sum(axis=1)  # [P]: rows sent to each device
@@ -78,7 +81,7 @@ def _on_expert_devices(
     send = jnp.zeros((devices * m, dim), rows.dtype).at[slot].set(rows, unique_indices=True)
 
     def exchange(buffers: jax.Array) -> jax.Array:  # [P, ...]: chunk j to device j
-        return jax.lax.all_to_all(buffers, EXPERT_AXIS, split_axis=0, concat_axis=0)
+        return jax.lax.all_to_all(buffers, expert_axes, split_axis=0, concat_axis=0)
 
     received = exchange(send.reshape(devices, m, dim))  # [P (source), m, d]
     received_counts = exchange(counts.reshape(devices, local))  # [P (source), E/P]
@@ -109,13 +112,13 @@ def dropless_experts(
     ffn: FFNConfig,
     num_experts: int,
     *,
-    expert_parallel: bool = False,
+    expert_axes: tuple[str, ...] = (),
     implementation: str | None = None,
 ) -> jax.Array:
     """sum_k gate[n, k] * expert_{expert_index[n, k]}(x[n]) for x [n, d] -> [n, d].
 
-    `expert_parallel`: called inside shard_map over `expert`, with params holding this
-    device's E/P experts (`num_experts` is the global E).
+    `expert_axes`: called inside shard_map over these mesh axes, with params holding this
+    device's E/P experts (`num_experts` is the global E); () = on the global arrays.
     """
     tokens, dim = x.shape
     top_k = expert_index.shape[-1]
@@ -123,29 +126,41 @@ def dropless_experts(
     order = jnp.argsort(expert, stable=True)  # [(n k)]: assignments sorted by expert
     counts = jnp.bincount(expert, length=num_experts)  # [E]
     rows = x[order // top_k]  # [(n k), d], sorted
-    if expert_parallel:
-        y_sorted = _on_expert_devices(rows, counts, params, ffn, implementation)
+    if expert_axes:
+        y_sorted = _on_expert_devices(rows, counts, params, ffn, implementation, expert_axes)
     else:
         y_sorted = grouped_ffn(rows, counts, params, ffn, implementation)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)  # unsorted
     return jnp.einsum("nkd,nk->nd", y.reshape(tokens, top_k, dim), gate.astype(y.dtype))
 
 
-def expert_parallel_size(batch: int, num_experts: int) -> int:
-    """P, the size of the context mesh's `expert` axis, when the layer can shard over it;
-    1 (run on the global arrays, GSPMD placing them) without such a mesh, or when the batch
-    does not split over the batch axes (e.g. a decoding batch of 1)."""
+def mesh_axes_in_context(logical: str, mesh: AbstractMesh) -> tuple[str, ...]:
+    """The axes of `mesh` that the logical axis rules in context (`nn.logical_axis_rules`)
+    map the logical axis `logical` to; () without rules."""
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return tuple(a for a in axes if a in mesh.shape)
+
+
+def expert_parallel_axes(batch: int, num_experts: int) -> tuple[str, ...]:
+    """The context mesh's axes that the experts split over (the logical `expert` axis's),
+    when the layer can shard over them; () (run on the global arrays, GSPMD placing them)
+    without such a mesh and rules, or when the batch does not split over the logical `batch`
+    axis's mesh axes (e.g. a decoding batch of 1)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get(EXPERT_AXIS, 1) == 1:
-        return 1
-    devices = mesh.shape[EXPERT_AXIS]
+    if mesh.empty:
+        return ()
+    expert_axes = mesh_axes_in_context("expert", mesh)
+    devices = math.prod(mesh.shape[a] for a in expert_axes)
+    if devices == 1:
+        return ()
     if num_experts % devices:
         raise ValueError(
             f"model.moe.num_experts={num_experts} does not split over the mesh's "
             f"{devices} expert devices"
         )
-    batch_devices = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
-    return devices if batch % batch_devices == 0 else 1
+    batch_devices = math.prod(mesh.shape[a] for a in mesh_axes_in_context("batch", mesh))
+    return expert_axes if batch % batch_devices == 0 else ()
 
 
 def routed_experts(
@@ -156,7 +171,7 @@ def routed_experts(
     num_experts = params["wo"]["kernel"].shape[0]
     batch, _, dim = x.shape
 
-    def run(x, expert_index, gate, params, *, expert_parallel):
+    def run(x, expert_index, gate, params, *, expert_axes):
         y = dropless_experts(
             x.reshape(-1, dim),
             expert_index.reshape(-1, expert_index.shape[-1]),
@@ -164,17 +179,17 @@ def routed_experts(
             params,
             ffn,
             num_experts,
-            expert_parallel=expert_parallel,
+            expert_axes=expert_axes,
         )
         return y.reshape(x.shape)
 
-    if expert_parallel_size(batch, num_experts) == 1:
-        return run(x, expert_index, gate, params, expert_parallel=False)
-    mesh = jax.sharding.get_abstract_mesh()
-    batch_spec = PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.shape))
-    expert_spec = jax.tree.map(lambda _: PartitionSpec(EXPERT_AXIS), params)
+    expert_axes = expert_parallel_axes(batch, num_experts)
+    if not expert_axes:
+        return run(x, expert_index, gate, params, expert_axes=())
+    batch_spec = PartitionSpec(mesh_axes_in_context("batch", jax.sharding.get_abstract_mesh()))
+    expert_spec = jax.tree.map(lambda _: PartitionSpec(expert_axes), params)
     sharded = jax.shard_map(
-        lambda *args: run(*args, expert_parallel=True),
+        lambda *args: run(*args, expert_axes=expert_axes),
         in_specs=(batch_spec, batch_spec, batch_spec, expert_spec),
         out_specs=batch_spec,
     )

@@ -16,8 +16,14 @@ Dtype = jnp.dtype
 
 
 def logical_init(init: nn.initializers.Initializer, axes: Sequence[str | None]):
-    """Wraps an initializer so the created param is boxed with its logical axis names."""
-    return nn.with_logical_partitioning(init, tuple(axes))
+    """Wraps an initializer so the created param is boxed with its logical axis names.
+
+    The box only names the axes (`rules=()`): unboxing it adds no sharding constraint from
+    the rules in context. Params are placed by jit's shardings (`sharding.logical_shardings`),
+    and `nn.unbox` of `eval_shape(init)` under a context mesh and rules would otherwise try
+    to constrain the abstract values outside jit, which fails.
+    """
+    return nn.with_logical_partitioning(init, tuple(axes), rules=())
 
 
 class Dense(nn.Dense):

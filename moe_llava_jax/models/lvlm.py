@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
+from moe_llava_jax.models import scan
 from moe_llava_jax.models.decoder import Decoder, DecoderConfig
 from moe_llava_jax.models.projector import Projector
 from moe_llava_jax.models.vision import VisionConfig, VisionTower
@@ -36,6 +37,16 @@ class LVLMConfig:
     projector: str = "mlp2x_gelu"
     dtype: str = "float32"  # a COMPUTE_DTYPES name
     remat: str = "none"  # a decoder.REMAT_POLICIES name
+    scan_layers: bool = True  # repeating blocks under `nn.scan` (`models/scan.py`)
+
+
+def layer_plans(config: LVLMConfig) -> scan.Plans:
+    """The scan plans of the model's two stacks, for `scan.stack_layers` / `unstack_layers`
+    on its param tree (and on its sown intermediates and KV cache)."""
+    return {
+        "vision": VisionTower(config.vision, scan_layers=config.scan_layers).plan,
+        "decoder": Decoder(config.decoder, scan_layers=config.scan_layers).plan,
+    }
 
 
 def splice_image_features(
@@ -60,9 +71,12 @@ class MoELLaVA(nn.Module):
                 f"config key model.dtype={self.config.dtype!r}: expected one of {COMPUTE_DTYPES}"
             )
         dtype = jnp.dtype(self.config.dtype)
-        self.vision = VisionTower(self.config.vision, dtype)
-        self.projector = Projector(self.config.projector, self.config.decoder.hidden_size, dtype)
-        self.decoder = Decoder(self.config.decoder, dtype=dtype, remat=self.config.remat)
+        cfg = self.config
+        self.vision = VisionTower(cfg.vision, dtype, scan_layers=cfg.scan_layers)
+        self.projector = Projector(cfg.projector, cfg.decoder.hidden_size, dtype)
+        self.decoder = Decoder(
+            cfg.decoder, dtype=dtype, remat=cfg.remat, scan_layers=cfg.scan_layers
+        )
 
     def __call__(
         self,

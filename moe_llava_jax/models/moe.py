@@ -48,7 +48,6 @@ from einops import rearrange
 from moe_llava_jax.models import layers
 from moe_llava_jax.models.dropless import routed_experts
 from moe_llava_jax.models.mlp import MLP, FFNConfig, ffn_apply
-from moe_llava_jax.sharding import LOGICAL_AXIS_RULES
 
 PLACEMENTS = ("sparse", "first_half", "second_half", "dense")
 DISPATCH_MODES = ("capacity", "dropless")
@@ -286,10 +285,11 @@ class MoELayer(nn.Module):
         else:
             tokens = tokens.astype(self.dtype)
             buffers = dispatch(tokens, routing, cfg.num_experts, capacity)  # [g, E, C, d]
-            # Under a context mesh (train.run): the buffers live on their experts' devices,
-            # so GSPMD moves tokens there and back (a no-op without a mesh).
+            # Under a context mesh and rules (sharding.mesh_context, as train.run): the
+            # buffers live on their experts' devices, so GSPMD moves tokens there and back
+            # (a no-op without them).
             on_experts = (None, "expert", None, None)
-            buffers = nn.with_logical_constraint(buffers, on_experts, rules=LOGICAL_AXIS_RULES)
+            buffers = nn.with_logical_constraint(buffers, on_experts)
             y = ffn_apply(  # [g, E, C, d]
                 buffers,
                 self.ffn,
@@ -299,7 +299,7 @@ class MoELayer(nn.Module):
                     [stacked_linear(h, params[name]) for name in names], axis=-1
                 ),
             )
-            y = nn.with_logical_constraint(y, on_experts, rules=LOGICAL_AXIS_RULES)
+            y = nn.with_logical_constraint(y, on_experts)
             routed = combine(y, routing)  # [g, s, d]
             out = rearrange(routed, "g (b t) d -> (g b) t d", b=batch // cfg.num_groups)
         if cfg.shared_expert:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from moe_llava_jax.models import layers
+from moe_llava_jax.models import layers, scan
 from moe_llava_jax.models.attention import Attention
 from moe_llava_jax.models.mlp import MLP, FFNConfig
 
@@ -59,11 +59,14 @@ class VisionConfig:
 
 
 class VisionBlock(nn.Module):
+    """x [batch, tokens, embed] -> (x, None): the (carry, per-layer output) form `nn.scan`
+    takes, so the loop and the scan run the same module."""
+
     config: VisionConfig
     dtype: jnp.dtype = jnp.float32  # compute dtype; params stay float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # x: [batch, tokens, embed]
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
         cfg = self.config
         h = layers.norm("layernorm", cfg.norm_eps, name="norm1", dtype=self.dtype)(x)
         x = x + Attention(
@@ -80,12 +83,29 @@ class VisionBlock(nn.Module):
         ffn_cfg = FFNConfig(
             cfg.hidden_size, cfg.intermediate_size, cfg.activation, gated=False, use_bias=True
         )
-        return x + MLP(ffn_cfg, self.dtype, name="mlp")(h)
+        return x + MLP(ffn_cfg, self.dtype, name="mlp")(h), None
+
+
+class VisionUnit(nn.Module):
+    """The scanned unit: one block named as the layouts of `scan.py` expect (`block_0`)."""
+
+    config: VisionConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
+        return VisionBlock(self.config, self.dtype, name="block_0")(x)
 
 
 class VisionTower(nn.Module):
     config: VisionConfig
     dtype: jnp.dtype = jnp.float32  # compute dtype (as the decoder's; params stay float32)
+    scan_layers: bool = False  # the blocks that run as one `nn.scan` (`scan.py`); same math
+
+    @property
+    def plan(self) -> scan.Plan:
+        blocks = self.config.num_blocks_to_run
+        return scan.plan_uniform(blocks) if self.scan_layers else scan.looped((None,) * blocks)
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -127,6 +147,9 @@ class VisionTower(nn.Module):
         x = (x + pos).astype(self.dtype)
         if cfg.pre_norm:
             x = layers.norm("layernorm", cfg.norm_eps, name="pre_norm", dtype=self.dtype)(x)
-        for i in range(cfg.num_blocks_to_run):
-            x = VisionBlock(cfg, self.dtype, name=f"layers_{i}")(x)
+        for segment in self.plan:
+            block = VisionBlock
+            if segment.scanned:
+                block = scan.scan_unit(VisionUnit, segment.repeats, num_broadcast_args=0)
+            x, _ = block(cfg, self.dtype, name=segment.name)(x)
         return x[:, 1:] if cfg.select_feature == "patch" else x

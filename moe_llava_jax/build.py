@@ -1,0 +1,222 @@
+"""Config -> one stage's model: typed model configs, the module, its abstract params and
+their shardings, fresh or pretrained params. No optimizer and no step: what the trainer,
+prediction, the routing analysis and the AOT tools share (`train.Stage` adds training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from moe_llava_jax import checkpoint, sharding, upcycling
+from moe_llava_jax.convert import families, hf
+from moe_llava_jax.data import images as image_ops
+from moe_llava_jax.data.conversation import get_template
+from moe_llava_jax.data.pipeline import Preprocessing, SkipLog, training_dataset
+from moe_llava_jax.data.sources import RecordSource
+from moe_llava_jax.data.tokenizer import Tokenizer
+from moe_llava_jax.models import scan
+from moe_llava_jax.models.decoder import DecoderConfig
+from moe_llava_jax.models.lvlm import LVLMConfig, MoELLaVA, layer_plans
+from moe_llava_jax.models.moe import MoEConfig
+from moe_llava_jax.models.vision import VisionConfig
+
+
+def stage_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The stages a run trains, in order (`run_stages`)."""
+    return [name for name in config.run_stages.split(",") if name]
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int, with_moe: bool) -> LVLMConfig:
+    """The stage's model. `model.llm_from` / `model.vision_from` (Hugging Face directories)
+    take the decoder / tower dimensions from their config.json instead of `model.*`."""
+    moe = MoEConfig(**config.model.moe.to_dict()) if with_moe else None
+    if config.model.llm_from:
+        decoder = families.decoder_config(hf.read_hf_config(config.model.llm_from))
+        decoder = dataclasses.replace(decoder, moe=moe)
+    else:
+        fields = config.model.decoder.to_dict()
+        fields["vocab_size"] = fields["vocab_size"] or vocab_size  # 0: the tokenizer's
+        decoder = DecoderConfig(**fields, moe=moe)
+    if decoder.vocab_size < vocab_size:
+        raise ValueError(
+            f"the tokenizer has {vocab_size} tokens, the decoder's vocab_size is only "
+            f"{decoder.vocab_size} (config keys data.tokenizer, model.llm_from, "
+            "model.decoder.vocab_size)"
+        )
+    vision_cfg = config.model.vision
+    if config.model.vision_from:
+        vision = families.vision_config(
+            hf.read_hf_config(config.model.vision_from),
+            select_layer=vision_cfg.select_layer,
+            select_feature=vision_cfg.select_feature,
+        )
+    else:
+        vision = VisionConfig(**vision_cfg.to_dict())
+    return LVLMConfig(
+        vision=vision,
+        decoder=decoder,
+        projector=config.model.projector,
+        dtype=config.model.dtype,
+        remat=config.model.remat,
+        scan_layers=config.model.scan_layers,
+    )
+
+
+def init_variables(model: MoELLaVA, dummy: tuple[jax.Array, jax.Array], rng: jax.Array) -> dict:
+    """`model.init` on dummy (input_ids, images), with the gating stream its MoE layers draw."""
+    params_rng, gating_rng = jax.random.split(rng)
+    return model.init({"params": params_rng, "gating": gating_rng}, *dummy)
+
+
+class StageModel:
+    """Stage `name` of `config` as a model on `mesh`: its configs, module, abstract params
+    (model layout), their shardings under the config's `sharding_rules`, and the conversion
+    to the canonical per-layer layout (`models/scan.py`)."""
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, name: str, mesh: jax.sharding.Mesh, vocab_size: int
+    ):
+        self.config, self.name, self.mesh = config, name, mesh
+        self.stage_cfg = config[name]
+        self.model_cfg = model_config(config, vocab_size, self.stage_cfg.moe)
+        expert_devices = mesh.shape.get("expert", 1)
+        if self.stage_cfg.moe and config.model.moe.num_experts % expert_devices:
+            raise ValueError(
+                f"config key model.moe.num_experts={config.model.moe.num_experts} does not "
+                f"split over the mesh's {expert_devices} expert devices (config key mesh.expert)"
+            )
+        self.model = MoELLaVA(self.model_cfg)
+        self.rules = sharding.rules_from_config(config.sharding_rules)
+        batch = config.model.moe.num_groups
+        self.dummy = (
+            jnp.zeros((batch, self.stage_cfg.max_length), jnp.int32),
+            jnp.zeros(
+                (batch, self.model_cfg.vision.image_size, self.model_cfg.vision.image_size, 3),
+                jnp.float32,
+            ),
+        )
+        boxed = jax.eval_shape(self.init_variables, jax.random.key(0))["params"]
+        self.param_shardings = sharding.logical_shardings(boxed, mesh, self.rules)
+        self.abstract_params = nn.unbox(boxed)
+        self.plans = layer_plans(self.model_cfg)
+
+    def canonical(self, tree: dict) -> dict:
+        """A tree in this stage's model layout (params, mask, shapes) -> the canonical
+        per-layer layout (`models/scan.py`) that rules, HF names and upcycling speak."""
+        return scan.unstack_layers(tree, self.plans)
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(
+            image_size=self.model_cfg.vision.image_size,
+            processor=image_ops.get_image_processor(self.config.model.image_processor),
+            pad_to_square=self.stage_cfg.pad_to_square,
+            num_image_tokens=self.model_cfg.vision.num_image_tokens,
+            max_length=self.stage_cfg.max_length,
+        )
+
+    def skip_log(self, source: RecordSource, path: Path) -> SkipLog:
+        """Where this stage lists (and counts) the records it leaves out."""
+        return SkipLog(
+            path,
+            source.skipped,
+            source=repr(source),
+            max_bad_fraction=self.config.data.max_bad_fraction,
+        )
+
+    def dataset(self, source: RecordSource, tokenizer: Tokenizer, skip_log: SkipLog):
+        """The stage's training batches (this process's share of each step's), in order."""
+        return training_dataset(
+            source,
+            tokenizer,
+            get_template(self.stage_cfg.template),
+            self.preprocessing(),
+            skip_log,
+            global_batch_size=self.stage_cfg.batch_size,
+            seed=self.config.seed,
+            workers=self.config.data.workers,
+        )
+
+    def init_variables(self, rng: jax.Array) -> dict:
+        return init_variables(self.model, self.dummy, rng)
+
+    def random_params(self) -> dict:
+        init = jax.jit(
+            lambda rng: nn.unbox(self.init_variables(rng)["params"]),
+            out_shardings=self.param_shardings,
+        )
+        return init(jax.random.key(self.config.seed))
+
+    def fresh_params(self) -> dict:
+        """Random init, with the towers named by `model.vision_from` / `model.llm_from`
+        loaded over it (a pretrained LLM is upcycled when this stage's model is MoE)."""
+        params = self.random_params()
+        pretrained = {}
+        if self.config.model.vision_from:
+            pretrained["vision"] = hf.load_vision(
+                self.config.model.vision_from,
+                select_layer=self.model_cfg.vision.select_layer,
+                select_feature=self.model_cfg.vision.select_feature,
+            )[1]
+        if self.config.model.llm_from:
+            pretrained["decoder"] = hf.load_decoder(self.config.model.llm_from)[1]
+        if not pretrained:
+            return params
+        canonical = self.canonical(params)
+        merged = {**canonical, **pretrained}
+        if self.model_cfg.decoder.moe is not None and "decoder" in pretrained:
+            return self.upcycle(merged, canonical)
+        return jax.device_put(scan.stack_layers(merged, self.plans), self.param_shardings)
+
+    def upcycle(self, dense_params: dict, moe_init: dict) -> dict:
+        """Dense params -> this stage's MoE params (model layout, sharded) as
+        `config.upcycle` says; both inputs in the canonical layout (`canonical`)."""
+        up = self.config.upcycle
+
+        def upcycle(dense: dict, init: dict, rng: jax.Array) -> dict:
+            moe = upcycling.upcycle(
+                dense,
+                init,
+                rng,
+                mode=up.mode,
+                noise_scale=up.noise_scale,
+                drop_fraction=up.drop_fraction,
+            )
+            return scan.stack_layers(moe, self.plans)
+
+        upcycled = jax.jit(upcycle, out_shardings=self.param_shardings)
+        return upcycled(dense_params, moe_init, jax.random.key(up.seed))
+
+    def restore_params(self, directory: str | Path) -> tuple[dict, int]:
+        """The latest params under a checkpoints `directory` of this stage's model, placed
+        on this model's mesh (whatever mesh they were saved from), and their step.
+
+        Params saved in the other layout (the checkpoint's own config has the other
+        `model.scan_layers`) are restored in theirs and converted through the canonical one,
+        so a looped stage 2 can start a scanned stage 3 and the other way round."""
+        saved_config = json.loads(checkpoint.restore_meta(directory)["config"])
+        # A config saved before scanned layers existed: the loop was the only layout.
+        saved_scan = saved_config["model"].get("scan_layers", False)
+        saved_cfg = dataclasses.replace(self.model_cfg, scan_layers=saved_scan)
+        saved_plans = layer_plans(saved_cfg)
+        if saved_plans == self.plans:
+            abstract = checkpoint.abstract_like(self.abstract_params, self.param_shardings)
+            return checkpoint.restore_params(directory, abstract)
+        boxed = jax.eval_shape(
+            lambda rng: init_variables(MoELLaVA(saved_cfg), self.dummy, rng), jax.random.key(0)
+        )["params"]
+        saved_shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
+        params, step = checkpoint.restore_params(
+            directory, checkpoint.abstract_like(nn.unbox(boxed), saved_shardings)
+        )
+        relayout = jax.jit(
+            lambda p: scan.stack_layers(scan.unstack_layers(p, saved_plans), self.plans),
+            out_shardings=self.param_shardings,
+        )
+        return relayout(params), step

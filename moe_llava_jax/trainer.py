@@ -1,0 +1,346 @@
+"""MoE-Tuning as a library: `Stage` (a stage's model plus mask, optimizer, state shardings
+and jitted step), `train_stage` (its loop: resumable, preemptible) and `run` (the stages a
+config lists, then routing analysis and POPE). `python -m moe_llava_jax.train` is the command.
+
+Readable top to bottom: config -> model -> shardings -> state (fresh, resumed, `init_from`,
+or upcycled) -> loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from tqdm import tqdm
+
+from moe_llava_jax import checkpoint, distributed, flops, freeze, optim, sharding, upcycling
+from moe_llava_jax import build
+from moe_llava_jax.build import StageModel
+from moe_llava_jax.answering import Answerer
+from moe_llava_jax.convert import hf
+from moe_llava_jax.data import from_config
+from moe_llava_jax.data import images as image_ops
+from moe_llava_jax.data.conversation import get_template
+from moe_llava_jax.data.pipeline import MODEL_INPUTS
+from moe_llava_jax.data.sources import RecordSource
+from moe_llava_jax.data.tokenizer import Tokenizer
+from moe_llava_jax.evaluate import pope, routing
+from moe_llava_jax.evaluate.run_pope import evaluate_pope
+from moe_llava_jax.generate import CachedDecoder
+from moe_llava_jax.models import scan
+from moe_llava_jax.models.moe import moe_layer_indices
+from moe_llava_jax.metrics_log import StageLog, Throughput
+from moe_llava_jax.preemption import PreemptionWatch
+from moe_llava_jax.train_step import jit_train_step, make_train_step
+
+STAGE_COMMANDS = {
+    name: f"python -m moe_llava_jax.train --config=configs/{name}.py"
+    for name in ("stage1", "stage2", "stage3")
+}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Fails before any work on values that would fail (or silently misbehave) later."""
+    if "://" in config.workdir:
+        raise ValueError(
+            f"config key workdir={config.workdir!r}: the trainer writes through the file system "
+            "(it appends to its logs); mount the bucket (e.g. gcsfuse at /gcs/BUCKET) on every "
+            "host and give that path"
+        )
+    moe = config.model.moe
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ValueError(
+            f"config key model.moe.top_k={moe.top_k} must be in "
+            f"[1, model.moe.num_experts={moe.num_experts}]"
+        )
+    num_layers = config.model.decoder.num_layers
+    if config.model.llm_from:
+        num_layers = hf.read_hf_config(config.model.llm_from)["num_hidden_layers"]
+    moe_layer_indices(moe.layers, num_layers)
+    up = config.upcycle
+    upcycling.check_upcycling(up.mode, up.noise_scale, up.drop_fraction)
+    if config.router_z_loss_coef < 0:
+        raise ValueError(f"config key router_z_loss_coef={config.router_z_loss_coef} must be >= 0")
+    routing_after = [n for n in config.routing.after.split(",") if n]
+    for name in (
+        build.stage_names(config) + [n for n in config.pope.after.split(",") if n] + routing_after
+    ):
+        if name not in config:
+            raise ValueError(
+                f"config key run_stages/pope.after/routing.after names {name!r}, which has no "
+                f"config.{name} section"
+            )
+    for name in routing_after:
+        if not config[name].moe:
+            raise ValueError(f"config key routing.after names {name!r}, which has no MoE layers")
+    for name in build.stage_names(config):
+        freeze.resolve_rules(config[name].trainable)
+        accum = config[name].grad_accum_steps
+        if accum < 1:
+            raise ValueError(f"config key {name}.grad_accum_steps={accum} must be >= 1")
+        if config[name].batch_size % (moe.num_groups * accum):
+            raise ValueError(
+                f"config key {name}.batch_size={config[name].batch_size} is not a multiple of "
+                f"model.moe.num_groups={moe.num_groups} x {name}.grad_accum_steps={accum} "
+                "(each micro-batch is routed in num_groups groups)"
+            )
+    image_ops.get_image_processor(config.model.image_processor)
+
+
+def checkpoint_dir(config: ml_collections.ConfigDict, stage: str) -> Path:
+    return Path(config.workdir) / stage / "checkpoints"
+
+
+class Stage(StageModel):
+    """One stage's model plus what training it needs: trainable mask, optimizer, state
+    shardings and the jitted step (built once, used by train + eval)."""
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, name: str, mesh: jax.sharding.Mesh, vocab_size: int
+    ):
+        super().__init__(config, name, mesh, vocab_size)
+        # Rules name canonical paths (`layers_{i}`); a scanned param trains as a whole.
+        self.mask = scan.stack_layers(
+            freeze.trainable_mask(self.canonical(self.abstract_params), self.stage_cfg.trainable),
+            self.plans,
+        )
+        self.schedule = optim.make_schedule(
+            self.stage_cfg.lr, self.stage_cfg.num_steps, self.stage_cfg.warmup_ratio
+        )
+        self.tx = optim.make_optimizer(
+            self.schedule,
+            self.mask,
+            weight_decay=self.stage_cfg.weight_decay,
+            grad_clip=self.stage_cfg.grad_clip,
+        )
+        replicated = sharding.replicated(mesh)
+        abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+        self.state_shardings = {
+            "step": replicated,
+            "params": self.param_shardings,
+            "opt_state": optax.tree_map_params(
+                self.tx,
+                lambda p, s: p if isinstance(p, optax.MaskedNode) else s,
+                abstract_opt,
+                self.param_shardings,
+                transform_non_params=lambda _: replicated,
+                is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+            ),
+        }
+        self.abstract_state = {
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+            "params": self.abstract_params,
+            "opt_state": abstract_opt,
+        }
+        self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
+        # Model FLOPs of one step on the padded global batch (MFU, `flops.py`).
+        self.step_flops = flops.train_step_flops(
+            self.model_cfg,
+            self.canonical(self.mask),
+            self.stage_cfg.batch_size,
+            self.stage_cfg.max_length,
+        )
+        self.train_step = jit_train_step(
+            make_train_step(
+                self.model,
+                self.tx,
+                self.mask,
+                self.schedule,
+                aux_loss_coef=config.router_aux_loss_coef,
+                z_loss_coef=config.router_z_loss_coef,
+                seed=config.seed,
+                grad_accum_steps=self.stage_cfg.grad_accum_steps,
+            ),
+            self.state_shardings,
+            self.batch_sharding,
+            replicated,
+        )
+
+    def initial_params(self) -> dict:
+        """Fresh init, or the `init_from` stage's params (upcycled to MoE for stage 3)."""
+        source = self.stage_cfg.init_from
+        if not source:
+            return self.fresh_params()
+        directory = checkpoint_dir(self.config, source)
+        if not directory.exists():
+            raise FileNotFoundError(
+                f"config key {self.name}.init_from={source!r}: no checkpoint at {directory}; "
+                f"make it with: {STAGE_COMMANDS.get(source, source)}"
+            )
+        source_model = StageModel(self.config, source, self.mesh, self.model_cfg.decoder.vocab_size)
+        params, step = source_model.restore_params(directory)
+        tqdm.write(f"{self.name}: initialised from {directory} (step {step})")
+        if self.model_cfg.decoder.moe is not None and source_model.model_cfg.decoder.moe is None:
+            return self.upcycle(
+                source_model.canonical(params), self.canonical(self.random_params())
+            )
+        return params
+
+    def initial_state(self, manager, data_iterator) -> dict:
+        """The latest checkpoint's state (and data position), else step 0 from `init_from`."""
+        if manager.latest_step() is not None:
+            tqdm.write(f"{self.name}: resuming from step {manager.latest_step()}")
+            return checkpoint.restore_state(
+                manager,
+                checkpoint.abstract_like(self.abstract_state, self.state_shardings),
+                data_iterator,
+            )
+        params = self.initial_params()
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
+        return {"step": step, "params": params, "opt_state": opt_state}
+
+
+def train_stage(stage: Stage, source: RecordSource, tokenizer: Tokenizer) -> dict:
+    """Trains `stage` to `num_steps` (resuming if checkpoints exist); returns final params.
+
+    Exits the process (code 0) after checkpointing the current step when preempted; stops
+    with `NonFiniteLossError` after `max_nonfinite_steps` updates in a row were skipped for
+    non-finite gradients (the optimizer skips them, `optim.make_optimizer`)."""
+    cfg, config = stage.stage_cfg, stage.config
+    stage_dir = Path(config.workdir) / stage.name
+    manager = checkpoint.make_manager(
+        checkpoint_dir(config, stage.name),
+        save_interval_steps=cfg.checkpoint_every,
+        keep_last=cfg.keep_last,
+        keep_every=cfg.keep_every,
+    )
+    suffix = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
+    skip_log = stage.skip_log(source, stage_dir / f"skipped{suffix}.jsonl")
+    data_iterator = iter(stage.dataset(source, tokenizer, skip_log))
+    state = stage.initial_state(manager, data_iterator)
+    start = int(jax.device_get(state["step"]))
+    meta = {"stage": stage.name, "config": config.to_json()}
+    throughput = Throughput(
+        tokens_per_step=cfg.batch_size * cfg.max_length,
+        flops_per_step=stage.step_flops.total,
+        peak_flops=config.peak_flops_per_device * jax.device_count(),
+    )
+    with (
+        StageLog(stage_dir, stage.name, start, cfg.num_steps) as log,
+        PreemptionWatch() as preemption,
+    ):
+        for step, local_batch in zip(range(start + 1, cfg.num_steps + 1), data_iterator):
+            batch = {
+                k: jax.make_array_from_process_local_data(stage.batch_sharding, local_batch[k])
+                for k in MODEL_INPUTS
+            }
+            state, metrics = stage.train_step(state, batch)  # state["step"] is now `step`
+            streak = int(metrics["nonfinite_streak"])  # waits for the step: the loop's sync
+            throughput.tick()
+            if step % cfg.log_every == 0 or step == cfg.num_steps:
+                log.log(step, metrics, throughput.rates())
+            stop = preemption.should_stop(manager, step)
+            force = step == cfg.num_steps or stop or streak >= config.max_nonfinite_steps
+            checkpoint.save(manager, state, data_iterator, meta, force=force)
+            log.bar.update(1)
+            if streak >= config.max_nonfinite_steps:
+                manager.wait_until_finished()
+                raise NonFiniteLossError(
+                    f"{stage.name}: {streak} steps in a row (up to step {step}) had a non-finite "
+                    f"loss or gradients and were skipped (config key max_nonfinite_steps="
+                    f"{config.max_nonfinite_steps}); checkpoint saved at step {step} holds the "
+                    "weights of the last finite step. Lower the learning rate or check the data; "
+                    f"the losses are in {stage_dir / 'metrics.jsonl'}."
+                )
+            if stop:
+                manager.wait_until_finished()
+                log.message(f"{stage.name}: preempted; checkpoint saved at step {step}, exiting")
+                raise SystemExit(0)
+    manager.wait_until_finished()
+    manager.close()
+    if skip_log.entries:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(skip_log.counts().items()))
+        tqdm.write(f"{stage.name}: records left out: {counts} (list: {skip_log.path})")
+    return state["params"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: too many consecutive steps with non-finite loss or gradients."""
+
+
+def analyse_routing(stage: Stage, params: dict, source: RecordSource, tokenizer: Tokenizer):
+    """Expert choices per modality on `config.routing.num_batches` batches of the stage's
+    data -> summary; routing.{json,png} in the stage's `routing/` folder."""
+    out_dir = Path(stage.config.workdir) / stage.name / "routing"
+    num_batches = stage.config.routing.num_batches
+    return routing.analyse(stage, params, source, tokenizer, num_batches, out_dir)
+
+
+def run_pope(
+    config: ml_collections.ConfigDict,
+    stage: Stage,
+    params: dict,
+    tokenizer: Tokenizer,
+    data_root: Path,
+    annotations_path: Path,
+) -> dict:
+    annotations = json.loads(annotations_path.read_text())
+    out_dir = Path(config.workdir) / stage.name / "pope"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    answerer = Answerer(
+        functools.partial(CachedDecoder(stage.model_cfg), params),
+        tokenizer,
+        get_template(config.pope.template),
+        stage.preprocessing(),
+        batch_size=config.pope.batch_size,
+        max_new_tokens=config.pope.max_new_tokens,
+    )
+    return evaluate_pope(
+        answerer,
+        annotations,
+        data_root,
+        splits=pope.SPLITS,
+        num_per_image=config.pope.num_per_image,
+        seed=config.seed,
+        answers_dir=out_dir,
+    )
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """The run `config` describes: its stages in turn, routing analysis and POPE where asked.
+    Returns the POPE metrics by "stage/split" (also written to workdir/pope.{md,json})."""
+    validate_config(config)
+    distributed.initialize(config.distributed)
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data, tokenizer = from_config.prepare_data(config)
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    chief = jax.process_index() == 0  # prints and writes run-level files
+    if chief:
+        print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices")
+    results = {}
+    pope_after = [n for n in config.pope.after.split(",") if n]
+    routing_after = [n for n in config.routing.after.split(",") if n]
+    start = time.time()
+    # The context mesh: dropless MoE layers shard_map their experts over its `expert` axis.
+    with sharding.mesh_context(mesh, sharding.rules_from_config(config.sharding_rules)):
+        for name in build.stage_names(config):
+            stage = Stage(config, name, mesh, tokenizer.vocab_size)
+            source = from_config.stage_source(config, name, data)
+            params = train_stage(stage, source, tokenizer)
+            if name in routing_after:
+                analyse_routing(stage, params, source, tokenizer)
+            if name in pope_after:
+                for split, metrics in run_pope(
+                    config, stage, params, tokenizer, data.root, data.eval_annotations_json
+                ).items():
+                    results[f"{name}/{split}"] = metrics
+    if results and chief:
+        table = pope.markdown_table(results)
+        (workdir / "pope.md").write_text(table + "\n")
+        (workdir / "pope.json").write_text(json.dumps(results, indent=2))
+        print(
+            f"\nHeld-out POPE ({config.data.synthetic.num_eval} images, "
+            f"{config.pope.num_per_image} yes + {config.pope.num_per_image} no probes each):"
+        )
+        print(table)
+    if chief:
+        print(f"done in {time.time() - start:.0f}s; workdir: {workdir}")
+    return results
