@@ -69,10 +69,14 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, with_moe: b
     )
 
 
-def init_variables(model: MoELLaVA, dummy: tuple[jax.Array, jax.Array], rng: jax.Array) -> dict:
-    """`model.init` on dummy (input_ids, images), with the gating stream its MoE layers draw."""
+def init_variables(
+    model: MoELLaVA, dummy: tuple[jax.ShapeDtypeStruct, ...], rng: jax.Array
+) -> dict:
+    """`model.init` on zeros of the dummy (input_ids, images) shapes, with the gating stream
+    its MoE layers draw. Call it traced (eval_shape, jit): the zeros are then never made."""
     params_rng, gating_rng = jax.random.split(rng)
-    return model.init({"params": params_rng, "gating": gating_rng}, *dummy)
+    inputs = [jnp.zeros(d.shape, d.dtype) for d in dummy]
+    return model.init({"params": params_rng, "gating": gating_rng}, *inputs)
 
 
 class StageModel:
@@ -95,12 +99,12 @@ class StageModel:
         self.model = MoELLaVA(self.model_cfg)
         self.rules = sharding.rules_from_config(config.sharding_rules)
         batch = config.model.moe.num_groups
+        size = self.model_cfg.vision.image_size
+        # Shapes only: init builds its zeros inside eval_shape / jit, so nothing is made on
+        # the mesh's devices (which may be an AOT target with no memory here).
         self.dummy = (
-            jnp.zeros((batch, self.stage_cfg.max_length), jnp.int32),
-            jnp.zeros(
-                (batch, self.model_cfg.vision.image_size, self.model_cfg.vision.image_size, 3),
-                jnp.float32,
-            ),
+            jax.ShapeDtypeStruct((batch, self.stage_cfg.max_length), jnp.int32),
+            jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
         )
         boxed = jax.eval_shape(self.init_variables, jax.random.key(0))["params"]
         self.param_shardings = sharding.logical_shardings(boxed, mesh, self.rules)

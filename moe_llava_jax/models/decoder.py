@@ -180,7 +180,8 @@ class Decoder(nn.Module):
     def plan(self) -> scan.Plan:
         cfg = self.config
         if not self.scan_layers:
-            return scan.looped(tuple(i in set(cfg.moe_layers) for i in range(cfg.num_layers)))
+            moe = set(cfg.moe_layers)
+            return scan.looped(tuple(i in moe for i in range(cfg.num_layers)))
         placement = None if cfg.moe is None else cfg.moe.layers
         return scan.plan_decoder(cfg.num_layers, cfg.moe_layers, placement)
 
