@@ -24,10 +24,9 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 
 from configs import common, models
-from moe_llava_jax import checkpoint, sharding, trainer
+from moe_llava_jax import aot, sharding, trainer
 
 LLM, TOWER = "stablelm-2-1.6b", "clip-l-14-336"
 
@@ -43,29 +42,13 @@ def real_width_config(num_layers: int, scan_layers: bool, seq: int):
     return config
 
 
-def abstract_inputs(stage: trainer.Stage) -> tuple[dict, dict]:
-    """(state, batch) as ShapeDtypeStructs carrying the step's shardings."""
-    state = checkpoint.abstract_like(stage.abstract_state, stage.state_shardings)
-    cfg, vision = stage.stage_cfg, stage.model_cfg.vision
-    shapes = {
-        "input_ids": ((cfg.batch_size, cfg.max_length), jnp.int32),
-        "labels": ((cfg.batch_size, cfg.max_length), jnp.int32),
-        "images": ((cfg.batch_size, vision.image_size, vision.image_size, 3), jnp.float32),
-    }
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, dtype, sharding=stage.batch_sharding)
-        for k, (shape, dtype) in shapes.items()
-    }
-    return state, batch
-
-
 def measure(stage_name: str, num_layers: int, scan_layers: bool, seq: int) -> dict:
     config = real_width_config(num_layers, scan_layers, seq)
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = sharding.rules_from_config(config.sharding_rules)
     with sharding.mesh_context(mesh, rules):
         stage = trainer.Stage(config, stage_name, mesh, config.model.decoder.vocab_size)
-        state, batch = abstract_inputs(stage)
+        state, batch = aot.abstract_train_inputs(stage)
         start = time.perf_counter()
         lowered = stage.train_step.lower(state, batch)
         lower_s = time.perf_counter() - start

@@ -49,6 +49,11 @@ def tiny_model() -> ml_collections.ConfigDict:
             # time and program size flat in depth, params stacked on a `layers` axis in the
             # train state and checkpoints (same math; models/scan.py). False: a Python loop.
             "scan_layers": True,
+            # How attention is computed (same math; models/attention.py): auto (cuDNN's
+            # fused kernel on GPU in 16-bit training, else xla) | xla | cudnn; the xla path
+            # takes attention_chunk queries at a time (0: all), so no [b, h, T, T] scores.
+            "attention": "auto",
+            "attention_chunk": 256,
             # The model sections are the dataclasses' fields (one source of defaults: see
             # VisionConfig, DecoderConfig, MoEConfig for what each means), tiny sizes here.
             "vision": dataclass_fields(
@@ -116,6 +121,12 @@ def stage(
             # batch_size is split into this many micro-batches whose gradients are summed
             # in the step (same update, 1/grad_accum_steps of the activation memory)
             "grad_accum_steps": 1,
+            # The LM head + CE run on at most loss_budget supervised (answer) positions per
+            # example, loss_chunk positions at a time: no [batch, seq, vocab] logits. A batch
+            # with a longer answer computes every position instead (exact; logged as
+            # loss_over_budget). 0: every position. See moe_llava_jax/answer_loss.py.
+            "loss_budget": 0,
+            "loss_chunk": 128,
             "warmup_ratio": 0.03,
             "weight_decay": 0.0,
             "grad_clip": 1.0,
@@ -203,6 +214,7 @@ def moe_tuning_config(
         pad_to_square=False,
         max_length=48,
     )
+    config.stage1.loss_budget = 24  # answer tokens per example: at most 17 in the embedded data
     config.stage2 = stage(
         "stage2",
         data="instruct",
@@ -216,6 +228,7 @@ def moe_tuning_config(
         pad_to_square=True,
         max_length=136,
     )
+    config.stage2.loss_budget = 32  # of 135 positions; answers hold at most 17 tokens here
     # Stage 3 keeps stage 2's data and template; it changes the model and what trains.
     config.stage3 = config.stage2.copy_and_resolve_references()
     config.stage3.update(

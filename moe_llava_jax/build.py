@@ -66,6 +66,9 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, with_moe: b
         dtype=config.model.dtype,
         remat=config.model.remat,
         scan_layers=config.model.scan_layers,
+        # Checkpoints saved before these keys existed computed attention the xla way.
+        attention=config.model.get("attention", "xla"),
+        attention_chunk=config.model.get("attention_chunk", 0),
     )
 
 

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moe_llava_jax import optim, param_tree
-from moe_llava_jax.data.conversation import IGNORE_INDEX
+from moe_llava_jax import answer_loss, optim, param_tree
+from moe_llava_jax.models.lvlm import MoELLaVA
 
 TrainState = dict[str, Any]  # {"step": int32[], "params": pytree, "opt_state": optax state}
 Batch = Mapping[str, jax.Array]  # input_ids [b, t] int32, labels [b, t] int32, images [b, H, W, 3]
@@ -43,22 +43,6 @@ Batch = Mapping[str, jax.Array]  # input_ids [b, t] int32, labels [b, t] int32, 
 # Metrics that are a micro-batch's share of the global batch's (summed over micro-batches);
 # the others are means over equally sized micro-batches (averaged).
 SUMMED_METRICS = ("loss", "ce", "answer_tokens")
-
-
-def answer_targets(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Next-token targets [b, t - 1] (labels[:, i + 1], predicted at position i) and where
-    they are supervised (answer tokens)."""
-    targets = labels[:, 1:]
-    return targets, targets != IGNORE_INDEX
-
-
-def answer_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(Sum of the next-token CE over supervised positions, their count)."""
-    targets, valid = answer_targets(labels)
-    per_token = optax.softmax_cross_entropy_with_integer_labels(
-        logits[:, :-1], jnp.where(valid, targets, 0)
-    )
-    return jnp.sum(per_token * valid), valid.sum()
 
 
 def compute_loss(
@@ -72,6 +56,8 @@ def compute_loss(
     z_loss_coef: float = 0.0,
     global_answer_tokens: jax.Array | None = None,
     num_micro_batches: int = 1,
+    loss_budget: int = 0,
+    loss_chunk: int = 128,
 ) -> tuple[jax.Array, dict]:
     """CE + aux_loss_coef * sum_layers(aux) + z_loss_coef * sum_layers(z); metrics carry the
     sums and the per-MoE-layer router statistics ([L_moe], expert_load [L_moe, E]).
@@ -80,19 +66,26 @@ def compute_loss(
     `num_micro_batches` micro-batches of a global batch with `global_answer_tokens` answer
     tokens: the loss (and "ce", "loss" in the metrics) is this micro-batch's share of the
     global batch's (module docstring); summed over the micro-batches it is the global loss.
+
+    The LM head runs on at most `loss_budget` supervised positions per example, `loss_chunk`
+    at a time, never on all [b, t] positions at once (`answer_loss.py`; 0: every position).
     """
-    logits, moe_stats = model.apply(
+    hidden, moe_stats = model.apply(
         {"params": params},
         batch["input_ids"],
         batch["images"],
         deterministic=deterministic,
+        head=False,
         rngs={"gating": rng},
     )
-    ce_sum, num_tokens = answer_cross_entropy(logits, batch["labels"])
+    head = lambda h: model.apply({"params": params}, h, method=MoELLaVA.logits)
+    ce_sum, num_tokens, over_budget = answer_loss.answer_cross_entropy(
+        head, hidden, batch["labels"], budget=loss_budget, chunk=loss_chunk
+    )
     if global_answer_tokens is None:
         global_answer_tokens = num_tokens
     ce = ce_sum / jnp.maximum(global_answer_tokens, 1)
-    metrics = {"ce": ce, "answer_tokens": num_tokens}
+    metrics = {"ce": ce, "answer_tokens": num_tokens, "loss_over_budget": over_budget}
     loss = ce
     if moe_stats:
         aux = jnp.sum(moe_stats["aux_loss"])  # a sum over MoE layers, as the original
@@ -135,6 +128,8 @@ def make_train_step(
     z_loss_coef: float,
     seed: int,
     grad_accum_steps: int = 1,
+    loss_budget: int = 0,
+    loss_chunk: int = 128,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The un-jitted step; `jit_train_step` adds shardings and donation. With
     `grad_accum_steps` > 1 the batch's gradient is accumulated over that many micro-batches
@@ -142,7 +137,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         trainable, frozen = param_tree.partition(state["params"], mask)
-        global_answer_tokens = answer_targets(batch["labels"])[1].sum()
+        global_answer_tokens = answer_loss.answer_targets(batch["labels"])[1].sum()
 
         def accumulate(grad_sum: dict, micro: tuple[jax.Array, Batch]) -> tuple[dict, dict]:
             index, micro_batch = micro
@@ -160,6 +155,8 @@ def make_train_step(
                     z_loss_coef=z_loss_coef,
                     global_answer_tokens=global_answer_tokens,
                     num_micro_batches=grad_accum_steps,
+                    loss_budget=loss_budget,
+                    loss_chunk=loss_chunk,
                 )
 
             (_, metrics), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(trainable)

@@ -34,7 +34,7 @@ from moe_llava_jax.evaluate import pope, routing
 from moe_llava_jax.evaluate.run_pope import evaluate_pope
 from moe_llava_jax.generate import CachedDecoder
 from moe_llava_jax.models import scan
-from moe_llava_jax.models.moe import moe_layer_indices
+from moe_llava_jax.models.moe import GROUPINGS, moe_layer_indices
 from moe_llava_jax.metrics_log import StageLog, Throughput
 from moe_llava_jax.preemption import PreemptionWatch
 from moe_llava_jax.train_step import jit_train_step, make_train_step
@@ -59,6 +59,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config key model.moe.top_k={moe.top_k} must be in "
             f"[1, model.moe.num_experts={moe.num_experts}]"
         )
+    if moe.groups not in GROUPINGS:
+        raise ValueError(f"config key model.moe.groups={moe.groups!r}: expected one of {GROUPINGS}")
     num_layers = config.model.decoder.num_layers
     if config.model.llm_from:
         num_layers = hf.read_hf_config(config.model.llm_from)["num_hidden_layers"]
@@ -81,6 +83,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config key routing.after names {name!r}, which has no MoE layers")
     for name in build.stage_names(config):
         freeze.resolve_rules(config[name].trainable)
+        if config[name].loss_budget < 0 or config[name].loss_chunk < 1:
+            raise ValueError(
+                f"config keys {name}.loss_budget={config[name].loss_budget} (>= 0) / "
+                f"{name}.loss_chunk={config[name].loss_chunk} (>= 1) out of range"
+            )
         accum = config[name].grad_accum_steps
         if accum < 1:
             raise ValueError(f"config key {name}.grad_accum_steps={accum} must be >= 1")
@@ -156,6 +163,8 @@ class Stage(StageModel):
                 z_loss_coef=config.router_z_loss_coef,
                 seed=config.seed,
                 grad_accum_steps=self.stage_cfg.grad_accum_steps,
+                loss_budget=self.stage_cfg.loss_budget,
+                loss_chunk=self.stage_cfg.loss_chunk,
             ),
             self.state_shardings,
             self.batch_sharding,

@@ -9,6 +9,8 @@ import pytest
 
 from moe_llava_jax.experiments import ablation
 
+pytestmark = pytest.mark.slow  # several processes / whole stages: `-m slow`
+
 
 def test_expert_cosine_distance_of_copies_is_zero_and_of_orthogonal_experts_one():
     copies = {"decoder": {"layers_0": {"moe": {"experts": {"wo": {"kernel": np.ones((3, 2, 2))}}}}}}

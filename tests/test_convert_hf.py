@@ -267,6 +267,7 @@ def test_lvlm_splice_matches_pytorch_composition(tmp_path, tower, llm):
     np.testing.assert_allclose(np.asarray(ours), expected, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.slow
 def test_stages_start_from_pretrained_llm_and_tower(tmp_path, micro_config):
     from moe_llava_jax import sharding, trainer
 

@@ -137,6 +137,7 @@ def test_unknown_dispatch_names_the_config_key():
         layer("ragged").init(jax.random.key(1), X, deterministic=True)
 
 
+@pytest.mark.slow
 def test_jitted_lvlm_forward_with_dropless_matches_capacity():
     from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
     from moe_llava_jax.models.lvlm import MoELLaVA
@@ -162,6 +163,7 @@ def test_jitted_lvlm_forward_with_dropless_matches_capacity():
     np.testing.assert_allclose(logits["dropless"], logits["capacity"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_moe_tuning_trains_and_analyses_routing_with_dropless(micro_config):
     """The whole recipe with `model.moe.dispatch=dropless`: stage 3 trains (finite losses,
     nothing dropped) and the routing analysis reads the dropless layers' choices."""

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # several processes / whole stages: `-m slow`
+
 SCRIPT = textwrap.dedent("""
     import json
     import flax.linen as nn

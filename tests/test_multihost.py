@@ -17,6 +17,8 @@ import pytest
 from moe_llava_jax.data import from_config
 from tests import micro_config as micro
 
+pytestmark = pytest.mark.slow  # several processes / whole stages: `-m slow`
+
 ROOT = Path(__file__).resolve().parents[1]
 MESH = ["--config.mesh.data=2", "--config.mesh.expert=4"]
 

@@ -69,6 +69,7 @@ def test_notebook_is_stored_clean():
     assert nb.metadata["kernelspec"]["name"] == "python3"
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     copy = tmp_path / "moe_llava_colab.ipynb"
     shutil.copy(NOTEBOOK, copy)

@@ -14,10 +14,16 @@ from moe_llava_jax import answering, sharding, trainer
 from moe_llava_jax.data import from_config
 from moe_llava_jax.data.jsonl import write_jsonl
 from moe_llava_jax.generate import Sampling
+from tests import micro_config as micro
 
 
-@pytest.fixture
-def trained_checkpoint(micro_config):
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory, data_root):
+    """Stages 1-2 trained once for the module's tests (they only read the checkpoint)."""
+    workdir = tmp_path_factory.mktemp("predict") / "workdir"
+    micro_config = micro.get_config(
+        f"workdir={workdir},data_root={data_root},run_stages=stage1+stage2+stage3"
+    )
     data, tokenizer = from_config.prepare_data(micro_config)
     mesh = sharding.make_mesh(micro_config.mesh.to_dict())
     for name in ("stage1", "stage2"):
@@ -79,6 +85,7 @@ def test_sampling_is_reproducible_by_seed(trained_checkpoint):
     assert sampled(1) != first
 
 
+@pytest.mark.slow
 def test_a_checkpoint_trained_on_four_expert_devices_answers_on_one(micro_config):
     """Stage 3 trained by the command line on mesh.expert=4 (4 simulated devices, dropless
     all-to-alls) opens here, on this process's one device, with all 4 experts on it."""

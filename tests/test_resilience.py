@@ -86,7 +86,9 @@ def uninterrupted(tmp_path_factory, shared_data):
     return metrics(workdir)
 
 
-@pytest.mark.parametrize("kill_at", [2, 6, 10])
+@pytest.mark.parametrize(
+    "kill_at", [2, pytest.param(6, marks=pytest.mark.slow), pytest.param(10, marks=pytest.mark.slow)]
+)
 def test_kill_9_then_restart_gives_the_uninterrupted_log(
     tmp_path, shared_data, uninterrupted, kill_at
 ):
@@ -106,6 +108,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_0(tmp_path, shared_data,
     assert metrics(tmp_path) == uninterrupted
 
 
+@pytest.mark.slow
 def test_a_torn_save_is_ignored_on_restart(tmp_path, shared_data, uninterrupted):
     """A save killed half-way leaves orbax's temporary folder: the restart resumes from the
     last complete checkpoint and still ends with the uninterrupted log."""

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from moe_llava_jax import sharding, trainer
 from moe_llava_jax.data import from_config
@@ -33,6 +34,7 @@ def test_counts_split_by_modality_and_sum_to_tokens():
     np.testing.assert_allclose(np.sum(summary["topk_load"], axis=-1), 1.0, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_analyse_checkpoint_writes_json_and_png(tmp_path, micro_config):
     data, tokenizer = from_config.prepare_data(micro_config)
     mesh = sharding.make_mesh(micro_config.mesh.to_dict())

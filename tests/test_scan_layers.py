@@ -70,7 +70,9 @@ def looped_params(config):
 
 CASES = {
     "sparse-odd": dict(num_layers=3, placement="sparse"),
-    "sparse-dropless": dict(num_layers=4, placement="sparse", dispatch="dropless"),
+    "sparse-dropless": pytest.param(
+        dict(num_layers=4, placement="sparse", dispatch="dropless"), marks=pytest.mark.slow
+    ),
     "first-half": dict(num_layers=4, placement="first_half"),
     "every-layer": dict(num_layers=3, placement="dense"),
     "index-list": dict(num_layers=4, placement="0,3"),

@@ -27,14 +27,15 @@ SCRIPT = textwrap.dedent("""
     from tests.helpers import first_batch
 
     config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+    config1 = ml_collections.ConfigDict(json.loads(sys.argv[2]))  # the 1-device run's
     data, tokenizer = from_config.prepare_data(config)
 
-    def one_step(mesh):
+    def one_step(mesh, config):
       # As trainer.run: dropless layers shard_map over the mesh axes the rules give `expert`.
       with sharding.mesh_context(mesh, sharding.rules_from_config(config.sharding_rules)):
-        return one_step_in_mesh(mesh)
+        return one_step_in_mesh(mesh, config)
 
-    def one_step_in_mesh(mesh):
+    def one_step_in_mesh(mesh, config):
       stage = trainer.Stage(config, "stage3", mesh, tokenizer.vocab_size)
       params = stage.fresh_params()
       state = {"step": jnp.ones((), jnp.int32), "params": params,
@@ -54,8 +55,8 @@ SCRIPT = textwrap.dedent("""
     mesh8 = sharding.make_mesh({"data": 2, "expert": 4})
     mesh1 = jax.make_mesh((1, 1, 1, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4,
                           devices=jax.devices()[:1])
-    loss8, (spec, experts_per_shard), kernel8, all_to_all = one_step(mesh8)
-    loss1, _, kernel1, _ = one_step(mesh1)
+    loss8, (spec, experts_per_shard), kernel8, all_to_all = one_step(mesh8, config)
+    loss1, _, kernel1, _ = one_step(mesh1, config1)
     print(json.dumps({"devices": jax.device_count(), "loss8": loss8, "loss1": loss1,
                       "all_to_all": all_to_all,
                       "spec": spec, "experts_per_shard": experts_per_shard,
@@ -110,19 +111,30 @@ def test_bad_sharding_rules_name_the_key_and_the_entry(micro_config, rules, mess
         trainer.Stage(micro_config, "stage1", mesh, 300)
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
-def test_expert_parallel_loss_equals_single_device(micro_config, dispatch):
-    """One stage-3 step on a data 2 x expert 4 mesh = on one device. Capacity mode leaves the
-    expert placement to GSPMD; dropless runs under shard_map with explicit all-to-alls."""
+@pytest.mark.parametrize(
+    "dispatch, groups",
+    [
+        ("capacity", "local"),
+        ("dropless", "local"),
+        pytest.param("capacity", "global", marks=pytest.mark.slow),
+    ],
+)
+def test_expert_parallel_loss_equals_single_device(micro_config, dispatch, groups):
+    """One stage-3 step on a data 2 x expert 4 mesh = on one device with as many routing
+    groups: local groups are each device's rows (8 devices x 1 group = 1 device x 8 groups),
+    global ones the whole batch's (1 group on both). Capacity mode leaves the expert
+    placement to GSPMD; dropless runs under shard_map with explicit all-to-alls."""
     micro_config.stage3.batch_size = 8  # divisible by data x expert = 8
-    micro_config.model.moe.dispatch = dispatch
+    micro_config.model.moe.update(dispatch=dispatch, groups=groups)
+    one_device = micro_config.copy_and_resolve_references()
+    one_device.model.moe.num_groups = 8 if groups == "local" else 1
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
         "PYTHONPATH": str(Path.cwd()),
     }
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, micro_config.to_json()],
+        [sys.executable, "-c", SCRIPT, micro_config.to_json(), one_device.to_json()],
         env=env,
         capture_output=True,
         text=True,

@@ -27,6 +27,7 @@ def run_stage(config, name):
     return trainer.train_stage(stage, from_config.stage_source(config, name, data), tokenizer)
 
 
+@pytest.mark.slow
 def test_resume_mid_stage_continues_step_count_and_schedule(micro_config):
     run_stage(micro_config, "stage1")  # 4 steps, checkpoints at 2 and 4
     uninterrupted = stage_metrics(micro_config, "stage1")

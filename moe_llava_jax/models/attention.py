@@ -2,9 +2,22 @@
 
 One module serves the ViT (bidirectional, no RoPE) and every decoder backbone
 (causal, RoPE on the first `rotary_dim` channels of each head as in Phi-2/StableLM).
+
+How the scores are computed is `AttentionKernel` (`model.attention`, same math):
+- "xla": queries in chunks of `query_chunk` under `jax.checkpoint`, so one chunk's f32
+  scores `[b, kv, (g chunk), keys]` exist at a time, in the forward and in the backward
+  (recomputed there), instead of `[b, heads, T, T]` (StableLM-2 at 16 x 2,624 positions:
+  14 GB per layer); the mask is built per chunk from positions, never as a broadcast
+  `[b, q, keys]` array. Any backend, KV-cache decoding, left-padded batches.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel
+  of cuDNN: GPU, bf16/fp16, causal or bidirectional without a padding mask (training).
+- "auto": cudnn where it applies (GPU, 16-bit compute, no padding mask, no cache), else xla.
+A TPU Pallas (splash) kernel is not built yet; on TPU, "xla" is what runs.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -36,6 +49,92 @@ def apply_rotary(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: flo
     return jnp.concatenate([rot, rest], axis=-1)
 
 
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKernel:
+    """How attention is computed (module docstring); never which params exist."""
+
+    implementation: str = "auto"  # an IMPLEMENTATIONS name
+    query_chunk: int = 256  # xla: queries per chunk (0: all at once)
+
+    def __post_init__(self):
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"config key model.attention={self.implementation!r}: expected one of "
+                f"{IMPLEMENTATIONS}"
+            )
+        if self.query_chunk < 0:
+            raise ValueError(f"config key model.attention_chunk={self.query_chunk} must be >= 0")
+
+    def uses_cudnn(self, dtype: jnp.dtype, padded: bool, decode: bool) -> bool:
+        if self.implementation == "xla" or padded or decode:
+            if self.implementation == "cudnn":
+                raise ValueError(
+                    "config key model.attention='cudnn' takes no padding mask and no KV cache "
+                    "(training only); use 'auto' to fall back to 'xla' there"
+                )
+            return False
+        if self.implementation == "cudnn":
+            return True
+        return jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
+
+
+def xla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    query_slots: jax.Array,
+    key_slots: jax.Array,
+    valid: jax.Array,
+    causal: bool,
+    query_chunk: int,
+) -> jax.Array:
+    """q [b, kv, g, q, d], k / v [b, kv, s, d], query / key slots [q] / [s] (cache positions),
+    valid [b, s] -> out [b, kv, g, q, d]; `query_chunk` queries at a time."""
+    b, kv, g, n, d = q.shape
+    scale = 1.0 / jnp.sqrt(jnp.float32(d))
+
+    def chunk_attention(q, query_slots):  # q [b, kv, g, c, d], query_slots [c]
+        scores = jnp.einsum("bkgqd,bksd->bkgqs", q, k).astype(jnp.float32) * scale
+        mask = valid[:, None, None, None, :]  # [b, 1, 1, 1, s]
+        if causal:
+            mask = mask & (key_slots[None, :] <= query_slots[:, None])  # [.., c, s]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bkgqs,bksd->bkgqd", probs, v)
+
+    if query_chunk <= 0 or n <= query_chunk:
+        return chunk_attention(q, query_slots)
+    pad = -n % query_chunk
+    q = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0)))
+    query_slots = jnp.pad(query_slots, (0, pad), constant_values=query_slots[-1])
+    chunks = q.shape[3] // query_chunk
+    q_chunks = jnp.moveaxis(q.reshape(b, kv, g, chunks, query_chunk, d), 3, 0)
+    # The backward recomputes each chunk's scores instead of keeping all of them.
+    out = jax.lax.map(
+        lambda xs: jax.checkpoint(chunk_attention)(*xs),
+        (q_chunks, query_slots.reshape(chunks, query_chunk)),
+    )  # [chunks, b, kv, g, c, d]
+    return jnp.moveaxis(out, 0, 3).reshape(b, kv, g, chunks * query_chunk, d)[:, :, :, :n]
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool,
+                    implementation: str | None = "cudnn") -> jax.Array:
+    """q [b, kv, g, q, d], k / v [b, kv, s, d] -> out [b, kv, g, q, d] by
+    `jax.nn.dot_product_attention` (BTNH layout; GQA: query head h uses kv head h // g)."""
+    b, kv, g, n, d = q.shape
+    out = jax.nn.dot_product_attention(
+        rearrange(q, "b k g q d -> b q (k g) d"),
+        rearrange(k, "b k s d -> b s k d"),
+        rearrange(v, "b k s d -> b s k d"),
+        is_causal=causal,
+        implementation=implementation,
+    )
+    return rearrange(out, "b q (k g) d -> b k g q d", k=kv)
+
+
 class Attention(nn.Module):
     """Self-attention; `num_kv_heads < num_heads` gives GQA (each kv head serves a group)."""
 
@@ -48,6 +147,7 @@ class Attention(nn.Module):
     rotary_dim: int = 0
     rope_theta: float = 10000.0
     dtype: jnp.dtype = jnp.float32
+    kernel: AttentionKernel = AttentionKernel()
 
     @nn.compact
     def __call__(
@@ -80,30 +180,27 @@ class Attention(nn.Module):
             q = apply_rotary(q, positions, self.rotary_dim, self.rope_theta)
             k = apply_rotary(k, positions, self.rotary_dim, self.rope_theta)
 
-        # Heads-major, the g query heads of a kv head stacked along the query axis: both
-        # products are plain batched matmuls over (b, kv head). (With the batch dims inside,
-        # e.g. "bqkgd,bskd->bkgqs", XLA:CPU's attention fwd+bwd took 2x as long.) The KV
-        # cache is kept in this layout, so a decoding step does not transpose it.
-        groups = self.num_heads // self.num_kv_heads
-        q = rearrange(q, "b q (k g) d -> b k (g q) d", k=self.num_kv_heads)
+        # Heads-major [b, kv head, g, q, d]: both products are batched matmuls over
+        # (b, kv head). (With the batch dims inside, e.g. "bqkgd,bskd->bkgqs", XLA:CPU's
+        # attention fwd+bwd took 2x as long.) The KV cache is kept in this layout, so a
+        # decoding step does not transpose it.
+        q = rearrange(q, "b q (k g) d -> b k g q d", k=self.num_kv_heads)
         k, v = (rearrange(a, "b s k d -> b k s d") for a in (k, v))
         seq = x.shape[1]
         query_slots = key_slots = jnp.arange(seq)
+        padded = valid is not None
         if valid is None:
             valid = jnp.ones(x.shape[:2], bool)
         if decode:
             k, v, valid, query_slots = self._append_to_cache(k, v, valid)
             key_slots = jnp.arange(k.shape[2])
-        scores = jnp.einsum("bkqd,bksd->bkqs", q, k).astype(jnp.float32)  # q: (g q)
-        scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
-        mask = valid[:, None, :]  # [b, 1, keys]
-        if self.causal:
-            query_slots = jnp.tile(query_slots, groups)  # [(g q)]
-            mask = mask & (key_slots[None, :] <= query_slots[:, None])[None]  # [b, (g q), keys]
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
-        out = rearrange(out, "b k (g q) d -> b q (k g d)", g=groups)
+        if self.kernel.uses_cudnn(self.dtype, padded, decode):
+            out = cudnn_attention(q, k, v, self.causal)
+        else:
+            out = xla_attention(
+                q, k, v, query_slots, key_slots, valid, self.causal, self.kernel.query_chunk
+            )
+        out = rearrange(out, "b k g q d -> b q (k g d)")
         return layers.dense(
             hidden, ("heads", "embed"), use_bias=self.out_bias, name="o_proj", dtype=self.dtype
         )(out)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_llava_jax.models import layers, scan
-from moe_llava_jax.models.attention import Attention
+from moe_llava_jax.models.attention import Attention, AttentionKernel
 from moe_llava_jax.models.mlp import MLP, FFNConfig
 from moe_llava_jax.models.moe import MoEConfig, MoELayer, moe_layer_indices
 
@@ -77,6 +77,7 @@ class DecoderBlock(nn.Module):
     config: DecoderConfig
     use_moe: bool
     dtype: jnp.dtype = jnp.float32
+    attention: AttentionKernel = AttentionKernel()
 
     @nn.compact
     def __call__(
@@ -88,6 +89,7 @@ class DecoderBlock(nn.Module):
         decode: bool = False,
     ) -> tuple[jax.Array, dict | None]:
         cfg = self.config
+        x = layers.batch_sharded(x)
         h = layers.norm(cfg.norm, cfg.norm_eps, name="input_norm", dtype=self.dtype)(x)
         attn = Attention(
             cfg.num_heads,
@@ -99,6 +101,7 @@ class DecoderBlock(nn.Module):
             rotary_dim=cfg.rotary_dim,
             rope_theta=cfg.rope_theta,
             dtype=self.dtype,
+            kernel=self.attention,
             name="attn",
         )(h, positions, valid, decode)
         if not cfg.parallel_block:
@@ -113,7 +116,7 @@ class DecoderBlock(nn.Module):
         else:
             ffn = MLP(ffn_cfg, self.dtype, name="mlp")(h)
         x = x + attn + ffn if cfg.parallel_block else x + ffn
-        return x, stats
+        return layers.batch_sharded(x), stats
 
 
 class DecoderUnit(nn.Module):
@@ -124,6 +127,7 @@ class DecoderUnit(nn.Module):
     kinds: tuple[bool, ...]
     dtype: jnp.dtype
     remat: str
+    attention: AttentionKernel
 
     @nn.compact
     def __call__(
@@ -137,7 +141,7 @@ class DecoderUnit(nn.Module):
         block = remat_block(self.remat, prevent_cse=False)  # scan already keeps CSE apart
         stats = []
         for j, use_moe in enumerate(self.kinds):
-            x, s = block(self.config, use_moe, self.dtype, name=f"block_{j}")(
+            x, s = block(self.config, use_moe, self.dtype, self.attention, name=f"block_{j}")(
                 x, positions, valid, deterministic, decode
             )
             stats.append(s)
@@ -175,6 +179,7 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32  # compute dtype (module docstring)
     remat: str = "none"  # a REMAT_POLICIES name
     scan_layers: bool = False  # `nn.scan` over repeating blocks (`scan.py`); same math
+    attention: AttentionKernel = AttentionKernel()  # how attention is computed; same math
 
     @property
     def plan(self) -> scan.Plan:
@@ -196,9 +201,11 @@ class Decoder(nn.Module):
         for segment in self.plan:
             if segment.scanned:
                 unit = scan.scan_unit(DecoderUnit, segment.repeats, num_broadcast_args=4)
-                module = unit(cfg, segment.kinds, self.dtype, self.remat)
+                module = unit(cfg, segment.kinds, self.dtype, self.remat, self.attention)
             else:
-                module = remat_block(self.remat)(cfg, segment.kinds[0], self.dtype)
+                module = remat_block(self.remat)(
+                    cfg, segment.kinds[0], self.dtype, self.attention
+                )
             setattr(self, segment.name, module)  # named as the layouts of `scan.py` say
         self.final_norm = layers.norm(cfg.norm, cfg.norm_eps, dtype=self.dtype)
         if not cfg.tie_embeddings:
@@ -218,10 +225,13 @@ class Decoder(nn.Module):
         valid: jax.Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
+        head: bool = True,
     ) -> tuple[jax.Array, dict]:
         """x: [batch, seq, embed] -> logits [batch, seq, vocab] (f32) and MoE statistics
         stacked over the MoE layers in layer order (`aux_loss`, `z_loss`, `router_entropy`,
-        `dropped_fraction` [L_moe]; `expert_load` [L_moe, E]); empty dict for a dense model."""
+        `dropped_fraction` [L_moe]; `expert_load` [L_moe, E]); empty dict for a dense model.
+        `head=False`: the final-normed hidden states [batch, seq, embed] instead of logits,
+        for a loss that applies `logits` to the positions it needs (`answer_loss.py`)."""
         per_segment = []
         for segment in self.plan:
             module = getattr(self, segment.name)
@@ -233,5 +243,9 @@ class Decoder(nn.Module):
                     ids = [segment.layer(r, member) for r in range(segment.repeats)]
                     per_segment.append((ids, member_stats))
         x = self.final_norm(x)
-        logits = self.embed_tokens.attend(x) if self.config.tie_embeddings else self.lm_head(x)
-        return logits.astype(jnp.float32), in_layer_order(per_segment)
+        return (self.logits(x) if head else x), in_layer_order(per_segment)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden states [..., embed] -> f32 logits [..., vocab]."""
+        head = self.embed_tokens.attend if self.config.tie_embeddings else self.lm_head
+        return head(hidden).astype(jnp.float32)

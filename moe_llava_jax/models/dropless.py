@@ -12,7 +12,9 @@ expert, sends each expert's rows to the device holding that expert (`all_to_all`
 axes), receives the rows of its E/P experts from every device, runs its experts, and sends
 the outputs back the same way. The batch stays split over the mesh axes of the logical
 `batch` axis (by default `data`, `fsdp`, `expert`) throughout; other mesh axes (by default
-`tensor`) repeat the expert computation. The layer reads the rules, never a table: the
+`tensor`) repeat the expert computation. Without such an expert axis the layer still runs per device
+under `shard_map` over the batch's axes (each device sorts and computes its own tokens with
+every expert's weights), never as one global sort that GSPMD would replicate. The layer reads the rules, never a table: the
 placement is the config's (`sharding_rules`).
 
 Shapes are static, so each device sends every peer a buffer of n * k rows (n = its tokens):
@@ -27,11 +29,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import AbstractMesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
+from moe_llava_jax.models import layers
 from moe_llava_jax.models.grouped_matmul import grouped_matmul
 from moe_llava_jax.models.mlp import FFNConfig, ffn_apply, joined_projections
 
@@ -134,14 +136,6 @@ def dropless_experts(
     return jnp.einsum("nkd,nk->nd", y.reshape(tokens, top_k, dim), gate.astype(y.dtype))
 
 
-def mesh_axes_in_context(logical: str, mesh: AbstractMesh) -> tuple[str, ...]:
-    """The axes of `mesh` that the logical axis rules in context (`nn.logical_axis_rules`)
-    map the logical axis `logical` to; () without rules."""
-    axes = nn.logical_to_mesh_axes((logical,))[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return tuple(a for a in axes if a in mesh.shape)
-
-
 def expert_parallel_axes(batch: int, num_experts: int) -> tuple[str, ...]:
     """The context mesh's axes that the experts split over (the logical `expert` axis's),
     when the layer can shard over them; () (run on the global arrays, GSPMD placing them)
@@ -150,7 +144,7 @@ def expert_parallel_axes(batch: int, num_experts: int) -> tuple[str, ...]:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return ()
-    expert_axes = mesh_axes_in_context("expert", mesh)
+    expert_axes = layers.mesh_axes_in_context("expert", mesh)
     devices = math.prod(mesh.shape[a] for a in expert_axes)
     if devices == 1:
         return ()
@@ -159,8 +153,7 @@ def expert_parallel_axes(batch: int, num_experts: int) -> tuple[str, ...]:
             f"model.moe.num_experts={num_experts} does not split over the mesh's "
             f"{devices} expert devices"
         )
-    batch_devices = math.prod(mesh.shape[a] for a in mesh_axes_in_context("batch", mesh))
-    return expert_axes if batch % batch_devices == 0 else ()
+    return expert_axes if batch % layers.batch_devices_in_context(mesh) == 0 else ()
 
 
 def routed_experts(
@@ -184,10 +177,14 @@ def routed_experts(
         return y.reshape(x.shape)
 
     expert_axes = expert_parallel_axes(batch, num_experts)
-    if not expert_axes:
+    mesh = jax.sharding.get_abstract_mesh()
+    batch_devices = 1 if mesh.empty else layers.batch_devices_in_context(mesh)
+    if batch_devices == 1 or batch % batch_devices:
         return run(x, expert_index, gate, params, expert_axes=())
-    batch_spec = PartitionSpec(mesh_axes_in_context("batch", jax.sharding.get_abstract_mesh()))
-    expert_spec = jax.tree.map(lambda _: PartitionSpec(expert_axes), params)
+    # Each device sorts and computes its own tokens: with experts on other devices
+    # (expert_axes) by all-to-all, else with every expert's (FSDP-gathered) weights.
+    batch_spec = PartitionSpec(layers.mesh_axes_in_context("batch", mesh))
+    expert_spec = jax.tree.map(lambda _: PartitionSpec(expert_axes or None), params)
     sharded = jax.shard_map(
         lambda *args: run(*args, expert_axes=expert_axes),
         in_specs=(batch_spec, batch_spec, batch_spec, expert_spec),

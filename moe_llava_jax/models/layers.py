@@ -6,6 +6,7 @@ Every parameter carries logical axis names (`nn.with_logical_partitioning`) so t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -24,6 +25,36 @@ def logical_init(init: nn.initializers.Initializer, axes: Sequence[str | None]):
     to constrain the abstract values outside jit, which fails.
     """
     return nn.with_logical_partitioning(init, tuple(axes), rules=())
+
+
+def mesh_axes_in_context(logical: str, mesh: jax.sharding.AbstractMesh) -> tuple[str, ...]:
+    """The axes of `mesh` that the logical axis rules in context (`nn.logical_axis_rules`)
+    map the logical axis `logical` to; () without rules."""
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return tuple(a for a in axes if a in mesh.shape)
+
+
+def batch_devices_in_context(mesh: jax.sharding.AbstractMesh) -> int:
+    """How many ways the rules in context split the logical `batch` axis over `mesh`."""
+    return math.prod(mesh.shape[a] for a in mesh_axes_in_context("batch", mesh))
+
+
+def batch_sharded(x: jax.Array) -> jax.Array:
+    """x [batch, ...] constrained to the mesh axes the rules in context give `batch`; as it
+    is without a context mesh, or when the batch does not split over them (a decoding batch
+    of 1 on 4 devices: GSPMD places it).
+
+    Why: inside `nn.scan` the block is the body of an XLA while loop, and GSPMD does not carry
+    the input batch's sharding into it: with the weights split over `fsdp` on the embed axis,
+    it chose to replicate the residual stream, so every chip ran the whole global batch
+    (StableLM-2 + CLIP-L, 64 examples on a v5p-8: `f32[64, 32, 2624, 2624]` attention scores
+    per chip, 119 GB of temporaries). The blocks pin their input and output with this.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or x.shape[0] % batch_devices_in_context(mesh):
+        return x
+    return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
 class Dense(nn.Dense):

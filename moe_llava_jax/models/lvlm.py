@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
 from moe_llava_jax.models import scan
+from moe_llava_jax.models.attention import AttentionKernel
 from moe_llava_jax.models.decoder import Decoder, DecoderConfig
 from moe_llava_jax.models.projector import Projector
 from moe_llava_jax.models.vision import VisionConfig, VisionTower
@@ -38,6 +39,8 @@ class LVLMConfig:
     dtype: str = "float32"  # a COMPUTE_DTYPES name
     remat: str = "none"  # a decoder.REMAT_POLICIES name
     scan_layers: bool = True  # repeating blocks under `nn.scan` (`models/scan.py`)
+    attention: str = "auto"  # an attention.IMPLEMENTATIONS name (`models/attention.py`)
+    attention_chunk: int = 256  # xla attention: queries per chunk (0: all at once)
 
 
 def layer_plans(config: LVLMConfig) -> scan.Plans:
@@ -72,10 +75,15 @@ class MoELLaVA(nn.Module):
             )
         dtype = jnp.dtype(self.config.dtype)
         cfg = self.config
-        self.vision = VisionTower(cfg.vision, dtype, scan_layers=cfg.scan_layers)
+        kernel = AttentionKernel(cfg.attention, cfg.attention_chunk)
+        self.vision = VisionTower(cfg.vision, dtype, scan_layers=cfg.scan_layers, attention=kernel)
         self.projector = Projector(cfg.projector, cfg.decoder.hidden_size, dtype)
         self.decoder = Decoder(
-            cfg.decoder, dtype=dtype, remat=cfg.remat, scan_layers=cfg.scan_layers
+            cfg.decoder,
+            dtype=dtype,
+            remat=cfg.remat,
+            scan_layers=cfg.scan_layers,
+            attention=kernel,
         )
 
     def __call__(
@@ -86,12 +94,15 @@ class MoELLaVA(nn.Module):
         positions: jax.Array | None = None,
         valid: jax.Array | None = None,
         decode: bool = False,
+        head: bool = True,
     ) -> tuple[jax.Array, dict]:
         """input_ids [b, t] (placeholders = IMAGE_TOKEN_INDEX), images [b, H, W, 3] or None
         (no placeholders in input_ids: a decoding step) -> logits [b, t, vocab], MoE stats.
 
         positions [b, t] default to 0..t-1 and valid [b, t] to all-True; left-padded
         batches pass both. `decode` appends to the attention KV cache ("cache" collection).
+        `head=False` returns the final-normed hidden states [b, t, d] instead of the logits
+        (`logits` maps them; `answer_loss.py` applies it to the supervised positions only).
         """
         embeds = self.decoder.embed(input_ids)
         if images is not None:
@@ -99,4 +110,8 @@ class MoELLaVA(nn.Module):
             embeds = splice_image_features(embeds, input_ids, features)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        return self.decoder(embeds, positions, valid, deterministic, decode)
+        return self.decoder(embeds, positions, valid, deterministic, decode, head)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden states [..., d] -> f32 logits [..., vocab] (the LM head)."""
+        return self.decoder.logits(hidden)

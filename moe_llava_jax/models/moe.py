@@ -51,6 +51,7 @@ from moe_llava_jax.models.mlp import MLP, FFNConfig, ffn_apply
 
 PLACEMENTS = ("sparse", "first_half", "second_half", "dense")
 DISPATCH_MODES = ("capacity", "dropless")
+GROUPINGS = ("local", "global")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,12 @@ class MoEConfig:
     second_expert_noise: bool = True  # Gumbel noise on choices >= 2 in training (original)
     eval_second_expert_noise: bool = False  # original: True (non-deterministic greedy decode)
     router_init_std: float = 0.02
-    num_groups: int = 1  # tokens of the micro-batch are routed in this many independent groups
+    # Routing groups (each with its own capacity, aux loss and token order): "local" routes
+    # each device's share of the micro-batch as `num_groups` groups of its own, as DeepSpeed
+    # routes each rank's tokens (the group count then grows with the batch's devices);
+    # "global" routes the whole micro-batch as `num_groups` groups, whatever the mesh.
+    num_groups: int = 1
+    groups: str = "local"  # a GROUPINGS name
     layers: str = "sparse"  # a PLACEMENTS name or comma-separated layer indices, e.g. "0,3"
     shared_expert: bool = False  # an always-on dense FFN added to the routed output
     dispatch: str = "capacity"  # a DISPATCH_MODES name: "dropless" computes every choice
@@ -195,6 +201,39 @@ def combine(y: jax.Array, routing: Routing) -> jax.Array:
     return jnp.einsum("gskd,gsk->gsd", picked, routing.gate.astype(y.dtype))
 
 
+def routing_groups(config: MoEConfig, batch: int) -> tuple[int, bool]:
+    """(How many routing groups a micro-batch of `batch` rows splits into, whether they are
+    split over the batch's devices). "local": `num_groups` per device of the logical `batch`
+    axis in context (1 device without a mesh); a batch that does not split that way (a
+    decoding batch of 1 on 4 devices) falls back to `num_groups` groups in all."""
+    if config.groups not in GROUPINGS:
+        raise ValueError(f"config key model.moe.groups={config.groups!r}: expected one of {GROUPINGS}")
+    mesh = jax.sharding.get_abstract_mesh()
+    devices = 1 if mesh.empty else layers.batch_devices_in_context(mesh)
+    groups = config.num_groups * devices
+    if config.groups == "local" and devices > 1 and batch % groups == 0:
+        return groups, True
+    if batch % config.num_groups:
+        raise ValueError(
+            f"batch {batch} is not divisible by model.moe.num_groups={config.num_groups}"
+        )
+    return config.num_groups, False
+
+
+def on_expert_devices(buffers: jax.Array, local: bool) -> jax.Array:
+    """Expert buffers [g, E, C, d] where the expert FFN runs: E split over the mesh axes of the
+    logical `expert` axis; with `local` groups, g stays split over the batch's other axes
+    (each device keeps its own groups; tokens cross devices only to reach an expert on an
+    `expert` axis of size > 1: an all-to-all). A no-op without a context mesh and rules."""
+    if not local:
+        return nn.with_logical_constraint(buffers, (None, "expert", None, None))
+    mesh = jax.sharding.get_abstract_mesh()
+    expert_axes = layers.mesh_axes_in_context("expert", mesh)
+    batch_axes = tuple(a for a in layers.mesh_axes_in_context("batch", mesh) if a not in expert_axes)
+    spec = jax.sharding.PartitionSpec(batch_axes or None, expert_axes or None)
+    return jax.lax.with_sharding_constraint(buffers, jax.sharding.NamedSharding(mesh, spec))
+
+
 def stacked_linear(x: jax.Array, params: Mapping[str, jax.Array]) -> jax.Array:
     """Every expert's projection on its own buffer: x [g, E, C, a] -> [g, E, C, b].
 
@@ -224,11 +263,11 @@ class MoELayer(nn.Module):
                 f"config key model.moe.dispatch={cfg.dispatch!r}: expected one of {DISPATCH_MODES}"
             )
         batch = x.shape[0]
-        if batch % cfg.num_groups:
-            raise ValueError(
-                f"batch {batch} is not divisible by model.moe.num_groups={cfg.num_groups}"
-            )
-        tokens = rearrange(x, "(g b) t d -> g (b t) d", g=cfg.num_groups)
+        num_groups, local = routing_groups(cfg, batch)
+        # [g, s, d]: group i = rows i * b / g ...; with local groups, device i's rows.
+        tokens = rearrange(x, "(g b) t d -> g (b t) d", g=num_groups)
+        if local:
+            tokens = layers.batch_sharded(tokens)
         router = layers.Dense(
             cfg.num_experts,
             use_bias=False,
@@ -286,10 +325,8 @@ class MoELayer(nn.Module):
             tokens = tokens.astype(self.dtype)
             buffers = dispatch(tokens, routing, cfg.num_experts, capacity)  # [g, E, C, d]
             # Under a context mesh and rules (sharding.mesh_context, as train.run): the
-            # buffers live on their experts' devices, so GSPMD moves tokens there and back
-            # (a no-op without them).
-            on_experts = (None, "expert", None, None)
-            buffers = nn.with_logical_constraint(buffers, on_experts)
+            # buffers live on their experts' devices, so GSPMD moves tokens there and back.
+            buffers = on_expert_devices(buffers, local)
             y = ffn_apply(  # [g, E, C, d]
                 buffers,
                 self.ffn,
@@ -299,9 +336,11 @@ class MoELayer(nn.Module):
                     [stacked_linear(h, params[name]) for name in names], axis=-1
                 ),
             )
-            y = nn.with_logical_constraint(y, on_experts)
+            y = on_expert_devices(y, local)
+            if local:
+                y = layers.batch_sharded(y)  # back to its tokens' devices
             routed = combine(y, routing)  # [g, s, d]
-            out = rearrange(routed, "g (b t) d -> (g b) t d", b=batch // cfg.num_groups)
+            out = rearrange(routed, "g (b t) d -> (g b) t d", b=batch // num_groups)
         if cfg.shared_expert:
             out = out + MLP(self.ffn, self.dtype, name="shared_expert")(x)  # [b, t, d]
         stats = {

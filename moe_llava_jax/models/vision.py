@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from moe_llava_jax.models import layers, scan
-from moe_llava_jax.models.attention import Attention
+from moe_llava_jax.models.attention import Attention, AttentionKernel
 from moe_llava_jax.models.mlp import MLP, FFNConfig
 
 
@@ -64,10 +64,12 @@ class VisionBlock(nn.Module):
 
     config: VisionConfig
     dtype: jnp.dtype = jnp.float32  # compute dtype; params stay float32
+    attention: AttentionKernel = AttentionKernel()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
         cfg = self.config
+        x = layers.batch_sharded(x)
         h = layers.norm("layernorm", cfg.norm_eps, name="norm1", dtype=self.dtype)(x)
         x = x + Attention(
             cfg.num_heads,
@@ -77,13 +79,14 @@ class VisionBlock(nn.Module):
             out_bias=True,
             causal=False,
             dtype=self.dtype,
+            kernel=self.attention,
             name="attn",
         )(h)
         h = layers.norm("layernorm", cfg.norm_eps, name="norm2", dtype=self.dtype)(x)
         ffn_cfg = FFNConfig(
             cfg.hidden_size, cfg.intermediate_size, cfg.activation, gated=False, use_bias=True
         )
-        return x + MLP(ffn_cfg, self.dtype, name="mlp")(h), None
+        return layers.batch_sharded(x + MLP(ffn_cfg, self.dtype, name="mlp")(h)), None
 
 
 class VisionUnit(nn.Module):
@@ -91,16 +94,18 @@ class VisionUnit(nn.Module):
 
     config: VisionConfig
     dtype: jnp.dtype
+    attention: AttentionKernel
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
-        return VisionBlock(self.config, self.dtype, name="block_0")(x)
+        return VisionBlock(self.config, self.dtype, self.attention, name="block_0")(x)
 
 
 class VisionTower(nn.Module):
     config: VisionConfig
     dtype: jnp.dtype = jnp.float32  # compute dtype (as the decoder's; params stay float32)
     scan_layers: bool = False  # the blocks that run as one `nn.scan` (`scan.py`); same math
+    attention: AttentionKernel = AttentionKernel()  # how attention is computed; same math
 
     @property
     def plan(self) -> scan.Plan:
@@ -151,5 +156,5 @@ class VisionTower(nn.Module):
             block = VisionBlock
             if segment.scanned:
                 block = scan.scan_unit(VisionUnit, segment.repeats, num_broadcast_args=0)
-            x, _ = block(cfg, self.dtype, name=segment.name)(x)
+            x, _ = block(cfg, self.dtype, self.attention, name=segment.name)(x)
         return x[:, 1:] if cfg.select_feature == "patch" else x

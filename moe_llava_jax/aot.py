@@ -1,0 +1,273 @@
+"""Ahead-of-time compile report: what each stage's train step needs on a target topology,
+from shapes alone, on any machine.
+
+    pip install "jax[tpu]==<this jax>"   # libtpu: compiles for TPU without a TPU
+    JAX_PLATFORMS=cpu python -m moe_llava_jax.aot --config=configs/moe_llava.py:llm=stablelm \\
+        --topology=v5p-8 [--stages=stage2,stage3] [--json=report.json]
+
+For each stage: the trainer's own jitted step (`trainer.Stage.train_step`: shardings,
+donation, optimizer) lowered from `ShapeDtypeStruct`s and compiled for the topology's
+devices (TPU devices from libtpu's topology description; `cpu:N` for N local CPU devices).
+No weights are made and nothing runs. Per chip: argument, output and temporary bytes and
+what they need together (arguments + outputs - donated aliases + temporaries, the sum XLA's
+out-of-memory check guards) against the chip's HBM, the collectives in the program (kind,
+ops, bytes of their results; a scanned body's ops once), compile seconds, and the program's
+matmul FLOPs (loop bodies times their trip counts, `hlo_stats.py`) over the analytic model
+FLOPs (`flops.py`; > 1 is recompute or redundant work; kernels XLA emits as custom calls,
+such as its fused attention on TPU, are not in the count, so their share is missing). A
+program that does not fit is reported with the bytes XLA's out-of-memory check asked for.
+
+Memory figures are XLA's for that backend: TPU's account for remat and scheduling,
+XLA:CPU's ignore remat (use a TPU topology for memory claims). Why the mesh comes from the
+config (`mesh`, one axis -1 = the remaining devices): the report is of the run the config
+describes, not of a layout chosen here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags
+from jax.sharding import AxisType, Mesh
+from ml_collections import config_flags
+
+from moe_llava_jax import checkpoint, cli, hlo_stats, sharding, trainer
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice as libtpu describes it (`jax.experimental.topologies`), with the HBM one
+    chip offers a program."""
+
+    name: str  # libtpu's topology name, e.g. v5p:2x2x1
+    chip_config: str  # "default"; "megacore" for v4 (one device per chip, not per core)
+    chips_per_host: tuple[int, int, int]
+    hbm_bytes: int
+
+
+# HBM per chip: v5p as XLA's out-of-memory check states it ("available HBM (95.74G)"),
+# the others the published per-chip capacity.
+TOPOLOGIES = {
+    "v4-8": Topology("v4:2x2x1", "megacore", (2, 2, 1), 32 * GiB),
+    "v5p-8": Topology("v5p:2x2x1", "default", (2, 2, 1), int(95.74 * GiB)),
+    "v5p-16": Topology("v5p:2x2x2", "default", (2, 2, 1), int(95.74 * GiB)),
+    "v5e-8": Topology("v5e:2x4", "default", (2, 4, 1), 16 * GiB),
+    "v6e-8": Topology("v6e:2x4", "default", (2, 4, 1), 32 * GiB),
+}
+
+
+def topology_devices(name: str) -> tuple[list, int | None]:
+    """(devices, HBM bytes per device or None) for a TOPOLOGIES name or `cpu:N`."""
+    if name.startswith("cpu:"):
+        count = int(name.partition(":")[2])
+        devices = jax.devices("cpu")
+        if len(devices) < count:
+            raise ValueError(
+                f"--topology={name}: {len(devices)} CPU devices here; run with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={count}"
+            )
+        return devices[:count], None
+    if name not in TOPOLOGIES:
+        raise ValueError(f"--topology={name!r}: known: {sorted(TOPOLOGIES)} or cpu:N")
+    from jax.experimental import topologies  # noqa: PLC0415 (needs libtpu only for TPU)
+
+    # libtpu takes a lockfile per process; a compile-only client need not exclude others.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    topo = TOPOLOGIES[name]
+    try:
+        description = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=topo.name,
+            chip_config_name=topo.chip_config,
+            chips_per_host_bounds=topo.chips_per_host,
+            num_slices=1,
+        )
+    except Exception as error:  # libtpu missing or too old: say how to get it
+        raise ValueError(
+            f"--topology={name}: cannot describe TPU {topo.name} ({error}); install libtpu "
+            f'for this jax: pip install "jax[tpu]=={jax.__version__}"'
+        ) from error
+    return list(description.devices), topo.hbm_bytes
+
+
+def topology_mesh(config: ml_collections.ConfigDict, devices: Sequence) -> Mesh:
+    """The config's `mesh` axes over `devices` (one axis may be -1: the rest)."""
+    shape = sharding.mesh_shape(config.mesh.to_dict(), len(devices))
+    return Mesh(
+        np.array(devices).reshape(shape),
+        sharding.MESH_AXES,
+        axis_types=(AxisType.Auto,) * len(shape),
+    )
+
+
+def abstract_train_inputs(stage: trainer.Stage) -> tuple[dict, dict]:
+    """(state, batch) of `stage`'s step as ShapeDtypeStructs carrying the step's shardings."""
+    state = checkpoint.abstract_like(stage.abstract_state, stage.state_shardings)
+    cfg, vision = stage.stage_cfg, stage.model_cfg.vision
+    shapes = {
+        "input_ids": ((cfg.batch_size, cfg.max_length), jnp.int32),
+        "labels": ((cfg.batch_size, cfg.max_length), jnp.int32),
+        "images": ((cfg.batch_size, vision.image_size, vision.image_size, 3), jnp.float32),
+    }
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=stage.batch_sharding)
+        for k, (shape, dtype) in shapes.items()
+    }
+    return state, batch
+
+
+_OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+_UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def train_step_report(stage: trainer.Stage, hbm_bytes: int | None) -> dict:
+    """Compile `stage`'s train step from abstract inputs for its mesh's devices; the report
+    described in the module docstring (a dict that `json.dumps` takes)."""
+    state, batch = abstract_train_inputs(stage)
+    cfg = stage.stage_cfg
+    devices = stage.mesh.devices.size
+    report = {
+        "stage": stage.name,
+        "devices": devices,
+        "global_batch": cfg.batch_size,
+        "per_device_batch": cfg.batch_size / devices,
+        "seq": cfg.max_length,
+        "grad_accum_steps": cfg.grad_accum_steps,
+        "dtype": stage.config.model.dtype,
+        "remat": stage.config.model.remat,
+        "scan_layers": stage.config.model.scan_layers,
+        "hbm_bytes": hbm_bytes,
+        "analytic_flops": stage.step_flops.total,
+    }
+    with sharding.mesh_context(stage.mesh, stage.rules):
+        start = time.perf_counter()
+        lowered = stage.train_step.lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as error:
+            needed = _OOM.search(str(error))
+            if not needed:
+                raise
+            report.update(
+                fits=False,
+                compile_s=round(time.perf_counter() - start, 1),
+                temp_bytes=int(float(needed.group(1)) * _UNIT[needed.group(2)]),
+                hbm_bytes=int(float(needed.group(3)) * _UNIT[needed.group(4)]),
+            )
+            return report
+        report["compile_s"] = round(time.perf_counter() - start, 1)
+    memory = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    # Per device, weighted by loop trip counts (`hlo_stats`); x devices = the step's.
+    flops = hlo_stats.matmul_flops(hlo)
+    needed = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    report.update(
+        argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        needed_bytes=needed,
+        matmul_flops=None if flops is None else flops * devices,
+        xla_over_analytic_flops=None if flops is None else round(
+            flops * devices / report["analytic_flops"], 3
+        ),
+        custom_calls=hlo.count(" custom-call("),
+        collectives=hlo_stats.collective_ops(hlo),
+    )
+    if hbm_bytes:
+        report["fits"] = needed <= hbm_bytes
+        report["hbm_share"] = round(needed / hbm_bytes, 3)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A few human lines for one stage's report."""
+    gb = lambda key: f"{report[key] / 1e9:.2f} GB"
+    head = (
+        f"{report['stage']}: {report['devices']} devices, batch {report['global_batch']} "
+        f"({report['per_device_batch']:g}/device) x {report['seq']}, "
+        f"{report['dtype']}, remat={report['remat']}, compile {report['compile_s']} s"
+    )
+    if "needed_bytes" not in report:
+        return (
+            f"{head}\n  does NOT fit: XLA needs {gb('temp_bytes')} of temporaries, the chip "
+            f"offers {gb('hbm_bytes')}"
+        )
+    lines = [
+        head,
+        f"  per chip: arguments {gb('argument_bytes')} + outputs {gb('output_bytes')} "
+        f"- aliased {gb('alias_bytes')} + temporaries {gb('temp_bytes')} "
+        f"= {gb('needed_bytes')}",
+    ]
+    if report["hbm_bytes"]:
+        verdict = "fits" if report["fits"] else "does NOT fit"
+        lines.append(f"  {verdict}: {100 * report['hbm_share']:.1f}% of {gb('hbm_bytes')} HBM")
+    if report["matmul_flops"] is not None:
+        lines.append(
+            f"  matmul FLOPs: program {report['matmul_flops']:.3e} / analytic "
+            f"{report['analytic_flops']:.3e} = {report['xla_over_analytic_flops']} "
+            f"({report['custom_calls']} custom-call kernels not counted)"
+        )
+    used = {k: v for k, v in report["collectives"].items() if v["ops"]}
+    lines.append(
+        "  collectives: "
+        + (", ".join(f"{k} {v['ops']} ops {v['bytes'] / 1e9:.2f} GB" for k, v in used.items())
+           or "none")
+    )
+    return "\n".join(lines)
+
+
+def stage_reports(config: ml_collections.ConfigDict, topology: str, stages: Sequence[str]):
+    """Yields each stage's report, compiled for `topology` under `config`'s mesh and rules."""
+    vocab = config.model.decoder.vocab_size
+    if vocab <= 0:
+        raise ValueError("config key model.decoder.vocab_size must be set (> 0) for an AOT report")
+    trainer.validate_config(config)
+    devices, hbm = topology_devices(topology)
+    mesh = topology_mesh(config, devices)
+    for name in stages:
+        # Built outside the mesh context: the stage makes its rng keys eagerly, on the local
+        # (CPU) backend; only the step is traced for the topology's devices.
+        yield train_step_report(trainer.Stage(config, name, mesh, vocab), hbm)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "an ml_collections config file")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", f"{sorted(TOPOLOGIES)} or cpu:N")
+_STAGES = flags.DEFINE_string("stages", "", "comma-separated stages (default: run_stages)")
+_JSON = flags.DEFINE_string("json", "", "also write the reports here")
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    stages = [s for s in (_STAGES.value or config.run_stages).split(",") if s]
+    reports = []
+    for report in stage_reports(config, _TOPOLOGY.value, stages):
+        report["topology"] = _TOPOLOGY.value
+        print(format_report(report), flush=True)
+        reports.append(report)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(reports, f, indent=1)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,26 @@
+"""The released recipes (`configs/moe_llava.py`) are complete configs at the paper's sizes."""
+
+import pytest
+
+from configs import moe_llava
+from moe_llava_jax import trainer
+
+
+@pytest.mark.parametrize("llm", sorted(moe_llava.LLMS))
+@pytest.mark.parametrize("tower", sorted(moe_llava.TOWERS))
+def test_every_recipe_validates_with_the_papers_batches_and_lengths(llm, tower):
+    config = moe_llava.get_config(f"llm={llm},tower={tower},data=/data/moe_llava")
+    trainer.validate_config(config)
+    image_tokens = {"clip": 576, "siglip": 728}[tower]  # 24^2; 27^2 - the first patch
+    for name, (_, batch, lr) in moe_llava.RECIPE.items():
+        stage = config[name]
+        assert (stage.batch_size, stage.lr, stage.max_length) == (batch, lr, 2048 + image_tokens)
+        assert stage.batch_size // stage.grad_accum_steps == 4 * 16  # 16 per chip of a v5p-8
+        assert stage.data == f"/data/moe_llava/{name}.json"
+        assert stage.template == ("plain" if name == "stage1" else moe_llava.LLMS[llm][1])
+    assert config.model.dtype == "bfloat16" and config.model.remat == "block"
+
+
+def test_an_unknown_recipe_is_refused_by_name():
+    with pytest.raises(ValueError, match="llm='vicuna'"):
+        moe_llava.get_config("llm=vicuna")
