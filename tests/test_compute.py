@@ -105,7 +105,10 @@ def loss_and_grads(config, name, params, batch):
 
 @pytest.mark.parametrize(
     "policy,shown_as",
-    [("block", "policy=<function nothing_saveable"), ("dots", "only_if_no_batch_dims=True")],
+    [
+        ("block", "policy=<function nothing_saveable"),
+        pytest.param("dots", "only_if_no_batch_dims=True", marks=pytest.mark.slow),
+    ],
     ids=["block", "dots"],
 )
 def test_remat_gives_the_same_loss_and_gradients(moe_stage_batch, policy, shown_as):

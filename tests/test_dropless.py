@@ -73,6 +73,7 @@ def random_params(dispatch: str, gated: bool) -> dict:
     return jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape) * 0.5, init["params"])
 
 
+@pytest.mark.slow
 def test_both_modes_declare_the_same_params():
     """Same names, shapes, logical axes and init values: checkpoints fit either mode."""
     capacity, dropless = (

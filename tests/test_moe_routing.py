@@ -101,6 +101,7 @@ def test_top1_gate_is_the_raw_router_probability():
     np.testing.assert_allclose(r.expert_load, [3 / 4, 0, 1 / 4], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_top1_layer_trains_its_router_without_gating_noise():
     config = moe.MoEConfig(num_experts=4, top_k=1)
     ffn = FFNConfig(8, 16, "silu", gated=True, use_bias=False)

@@ -98,6 +98,7 @@ def test_kill_9_then_restart_gives_the_uninterrupted_log(
     assert metrics(tmp_path) == uninterrupted  # same steps, same losses, bit for bit
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_exits_0(tmp_path, shared_data, uninterrupted):
     assert start_and_signal(tmp_path, shared_data, 4, signal.SIGTERM) == 0
     stopped_at = logged_steps(tmp_path)

@@ -115,7 +115,7 @@ def test_bad_sharding_rules_name_the_key_and_the_entry(micro_config, rules, mess
     "dispatch, groups",
     [
         ("capacity", "local"),
-        ("dropless", "local"),
+        pytest.param("dropless", "local", marks=pytest.mark.slow),
         pytest.param("capacity", "global", marks=pytest.mark.slow),
     ],
 )
