@@ -22,15 +22,22 @@ SCRIPT = textwrap.dedent("""
     from tests import micro_config
     from moe_llava_jax.models.mlp import FFNConfig
 
-    def layer(num_experts, top_k, gated):
+    def layer(num_experts, top_k, gated, num_groups=1):
       config = moe.MoEConfig(num_experts=num_experts, top_k=top_k, router_init_std=1.0,
-                             dispatch="dropless")
+                             dispatch="dropless", num_groups=num_groups)
       ffn = FFNConfig(16, 24, "silu" if gated else "gelu", gated, use_bias=True)
       return moe.MoELayer(config, ffn)
 
     def check(mesh_axes, num_experts=8, top_k=2, gated=True, batch=8,
               rules=sharding.DEFAULT_LOGICAL_AXIS_RULES):
       model = layer(num_experts, top_k, gated)
+      mesh = sharding.make_mesh(mesh_axes)
+      batch_devices = mesh.size // mesh.shape["tensor"]
+      splits = batch % batch_devices == 0
+      # Routing groups are each device's rows (moe.groups="local"): one device routes the
+      # same groups with num_groups = the batch's devices (the aux loss and the gating
+      # noise are per group).
+      reference = layer(num_experts, top_k, gated, batch_devices if splits else 1)
       x = jax.random.normal(jax.random.key(0), (batch, 6, 16))  # [b, t, d]
       boxed = model.init(jax.random.key(1), x, deterministic=True)["params"]
       keys = iter(jax.random.split(jax.random.key(2), 100))
@@ -39,15 +46,15 @@ SCRIPT = textwrap.dedent("""
                             nn.unbox(boxed))
       cotangent = jax.random.normal(jax.random.key(3), x.shape)
 
-      def loss(params, x):
+      def loss(params, x, model=model):
         out, stats = model.apply({"params": params}, x, False, rngs={"gating": jax.random.key(4)})
         return jnp.sum(out * cotangent) + stats["aux_loss"], out
 
       step = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
-      (loss1, out1), grads1 = jax.jit(step)(params, x)  # no mesh: one device
-      mesh = sharding.make_mesh(mesh_axes)
+      reference_step = jax.value_and_grad(
+          lambda p, x: loss(p, x, reference), argnums=(0, 1), has_aux=True)
+      (loss1, out1), grads1 = jax.jit(reference_step)(params, x)  # no mesh: one device
       with sharding.mesh_context(mesh, rules):
-        splits = batch % (mesh.size // mesh.shape["tensor"]) == 0
         x_sharding = sharding.batch_sharding(mesh) if splits else sharding.replicated(mesh)
         sharded = (jax.device_put(params, sharding.logical_shardings(boxed, mesh, rules)),
                    jax.device_put(x, x_sharding))
