@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Sequence
 
@@ -266,7 +265,6 @@ def main(argv: Sequence[str]) -> None:
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(reports, f, indent=1)
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -69,16 +69,16 @@ class AttentionKernel:
             raise ValueError(f"config key model.attention_chunk={self.query_chunk} must be >= 0")
 
     def uses_cudnn(self, dtype: jnp.dtype, padded: bool, decode: bool) -> bool:
-        if self.implementation == "xla" or padded or decode:
-            if self.implementation == "cudnn":
-                raise ValueError(
-                    "config key model.attention='cudnn' takes no padding mask and no KV cache "
-                    "(training only); use 'auto' to fall back to 'xla' there"
-                )
-            return False
-        if self.implementation == "cudnn":
-            return True
-        return jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
+        """Whether this call runs cuDNN's kernel (it takes no padding mask and no cache)."""
+        applies = not (padded or decode)
+        if self.implementation == "cudnn" and not applies:
+            raise ValueError(
+                "config key model.attention='cudnn' takes no padding mask and no KV cache "
+                "(training only); use 'auto' to fall back to 'xla' there"
+            )
+        if self.implementation != "auto":
+            return self.implementation == "cudnn"
+        return applies and jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
 
 
 def xla_attention(
