@@ -3,7 +3,7 @@
     python -m benchmarks.accelerator [--repeats 5] [--peak-flops 989e12] [--json out.json]
 
 StableLM-2-1.6B + CLIP-L/14-336 at the recipe's shapes (`configs/moe_llava.py`: bf16,
-remat=block, 2,624 positions, `--per-device-batch` examples per micro-batch, random
+frozen weights in bf16, remat=unit, the experts' backward in 4 pieces, 2,624 positions, `--per-device-batch` examples per micro-batch, random
 weights and a random batch whose second half is supervised), the trainer's own jitted
 step, one device. Variants, each in its own process (XLA flags are read once per
 process): stage 2 with `model.attention` xla and cudnn; stage 3 (top-2 of 4 experts in
@@ -51,6 +51,8 @@ def measure(variant: str, per_device_batch: int, repeats: int, peak_flops: float
     config.mesh = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
     config.model.attention = overrides["attention"]
     config.model.moe.dispatch = overrides.get("dispatch", "capacity")
+    if config.model.moe.dispatch == "dropless":  # pieces are capacity dispatch's
+        config.model.moe.backward_pieces = 1
     config[stage_name].update(batch_size=per_device_batch * jax.device_count(), grad_accum_steps=1)
     mesh = sharding.make_mesh(config.mesh.to_dict())
     with sharding.mesh_context(mesh, sharding.rules_from_config(config.sharding_rules)):

@@ -90,14 +90,14 @@ def routed_apply(num_experts: int, ffn: FFNConfig, experts: Callable) -> Callabl
 
 
 def naive_experts(num_experts: int, ffn: FFNConfig) -> Callable:
-    def experts(params, tokens, routing):  # every expert on every token: [g, E, s, d]
-        everyone = jnp.broadcast_to(tokens[:, None], (1, num_experts, *tokens.shape[1:]))
+    def experts(params, tokens, routing):  # every expert on every token: [E, s, d]
+        everyone = jnp.broadcast_to(tokens, (num_experts, *tokens.shape[1:]))  # g = 1
         y = ffn_apply(
             everyone, ffn, lambda h, names: moe.stacked_linear(h, joined_projections(params, names))
         )
         onehot = jax.nn.one_hot(routing.expert_index, num_experts)  # [g, s, k, E]
         gates = jnp.einsum("gske,gsk->gse", onehot, routing.gate)
-        return jnp.einsum("gesd,gse->gsd", y, gates)
+        return jnp.einsum("esd,gse->gsd", y, gates)
 
     return experts
 

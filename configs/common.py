@@ -40,11 +40,16 @@ def tiny_model() -> ml_collections.ConfigDict:
             "vision_from": "",
             "projector": "mlp2x_gelu",
             # Compute knobs (same params whatever they say): the decoder's activation/matmul
-            # dtype, float32 | bfloat16 (params stay float32); and what its blocks keep for
-            # the backward pass, none | block (recompute each block) | dots (keep matmul
-            # outputs, recompute the rest).
+            # dtype, float32 | bfloat16 (trainable params stay float32); and what its blocks
+            # keep for the backward pass, none | block (recompute each block) | unit (each
+            # scanned unit of blocks as a whole: one saved input per unit) | dots (keep
+            # matmul outputs, recompute the rest).
             "dtype": "float32",
             "remat": "none",
+            # How a stage stores the params it does not train (float32 | bfloat16): bfloat16
+            # halves their memory and gathers; they are then saved so too (and restored into
+            # any dtype). Computing in bfloat16 rounds them to it anyway.
+            "frozen_param_dtype": "float32",
             # Repeating blocks (decoder layers, ViT blocks) as one `nn.scan` each: compile
             # time and program size flat in depth, params stacked on a `layers` axis in the
             # train state and checkpoints (same math; models/scan.py). False: a Python loop.
@@ -130,6 +135,7 @@ def stage(
             "warmup_ratio": 0.03,
             "weight_decay": 0.0,
             "grad_clip": 1.0,
+            "mu_dtype": "float32",  # Adam's first moment (bfloat16 halves it); nu stays float32
             "log_every": 10,
             "checkpoint_every": 100,
             "keep_last": 2,  # checkpoints kept: the last N ...

@@ -20,9 +20,10 @@ The paper's recipe (8 x A100, one epoch per stage): AdamW, cosine with 3% warmup
 decay, 2,048 text tokens + 576 image tokens = 2,624 positions, global batch 256 / 128 / 128,
 learning rate 1e-3 / 2e-5 / 2e-5, top-2 of 4 experts in every other layer, capacity factor
 1.5, balance loss 0.01. Steps are one epoch of the published dataset sizes. bf16 compute,
-`remat=block`, FSDP over every device (`mesh.fsdp=-1`); `grad_accum_steps` keeps 16
-examples per device per micro-batch on a v5p-8 (4 chips), what the AOT report measured to
-fit (README, "At real size").
+frozen weights stored in bf16, `remat=unit`, the experts' backward in 4 pieces, FSDP over
+every device (`mesh.fsdp=-1`); `grad_accum_steps` keeps 16 examples per device per
+micro-batch on a v5p-8 (4 chips), what the AOT report measured to fit (README, "At real
+size").
 """
 
 import math
@@ -58,7 +59,14 @@ def get_config(arg: str | None = None):
     config.workdir = f"workdir/moe_llava_{args.llm}_{args.tower}"
     config.model.decoder = models.decoder(llm)
     config.model.vision = models.vision(tower)
-    config.model.update(image_processor=processor, dtype="bfloat16", remat="block")
+    # bf16 compute; frozen weights stored in bf16 (the compute rounds them so anyway); each
+    # scanned (MoE, dense) unit rematerialised as a whole; the experts' backward in 4 slices
+    # of their mlp axis (README, "At real size").
+    config.model.update(
+        image_processor=processor, dtype="bfloat16", remat="unit", frozen_param_dtype="bfloat16"
+    )
+    config.model.moe.backward_pieces = 4
+    config.model.moe.router_init = "torch"  # the original's fresh gate: PyTorch's Linear init
     config.mesh = {"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}
     config.data.update(image_root=args.data, eos_token=eos)
     positions = TEXT_TOKENS + VisionConfig(**config.model.vision).num_image_tokens

@@ -13,8 +13,11 @@ what they need together (arguments + outputs - donated aliases + temporaries, th
 out-of-memory check guards) against the chip's HBM, the collectives in the program (kind,
 ops, bytes of their results; a scanned body's ops once), compile seconds, and the program's
 matmul FLOPs (loop bodies times their trip counts, `hlo_stats.py`) over the analytic model
-FLOPs (`flops.py`; > 1 is recompute or redundant work; kernels XLA emits as custom calls,
-such as its fused attention on TPU, are not in the count, so their share is missing). A
+FLOPs (`flops.py`; kernels XLA emits as custom calls, such as its fused attention on TPU,
+are not in the count, so their share is missing), and over the FLOPs the design runs on
+purpose (`flops.designed_overheads`: remat's recompute, capacity slots no token fills,
+attention chunks' padding and recompute), so that a ratio above 1 there is work nobody asked
+for. A
 program that does not fit is reported with the bytes XLA's out-of-memory check asked for.
 
 Memory figures are XLA's for that backend: TPU's account for remat and scheduling,
@@ -40,7 +43,8 @@ from absl import flags
 from jax.sharding import AxisType, Mesh
 from ml_collections import config_flags
 
-from moe_llava_jax import checkpoint, cli, hlo_stats, sharding, trainer
+from moe_llava_jax import checkpoint, cli, flops, hlo_stats, sharding, trainer
+from moe_llava_jax.models.moe import expert_capacity, routing_groups
 
 GiB = 2**30
 
@@ -131,6 +135,31 @@ _OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT])\) exc
 _UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
+def expert_slots_per_token(stage: trainer.Stage) -> float:
+    """Expert buffer slots (E x C) the stage's MoE layers compute per routed token (k for
+    dropless; 0 without MoE), for the micro-batch's routing groups under the context mesh."""
+    moe = stage.model_cfg.decoder.moe
+    if moe is None:
+        return 0.0
+    if moe.dispatch == "dropless":
+        return float(moe.top_k)
+    cfg = stage.stage_cfg
+    micro_batch = cfg.batch_size // cfg.grad_accum_steps
+    groups, _ = routing_groups(moe, micro_batch)
+    tokens = micro_batch * cfg.max_length // groups
+    capacity = expert_capacity(
+        tokens, moe.num_experts, moe.top_k, moe.capacity_factor, moe.min_capacity
+    )
+    return moe.num_experts * capacity / tokens
+
+
+def query_chunk(stage: trainer.Stage) -> int:
+    """Queries per chunk of the stage's decoder attention for a TPU or CPU target: the xla
+    kernel's `model.attention_chunk` (cuDNN's kernel does not chunk)."""
+    cfg = stage.model_cfg
+    return 0 if cfg.attention == "cudnn" else cfg.attention_chunk
+
+
 def train_step_report(stage: trainer.Stage, hbm_bytes: int | None) -> dict:
     """Compile `stage`'s train step from abstract inputs for its mesh's devices; the report
     described in the module docstring (a dict that `json.dumps` takes)."""
@@ -167,10 +196,20 @@ def train_step_report(stage: trainer.Stage, hbm_bytes: int | None) -> dict:
             )
             return report
         report["compile_s"] = round(time.perf_counter() - start, 1)
+        overheads = flops.designed_overheads(
+            stage.model_cfg,
+            stage.canonical(stage.mask),
+            cfg.batch_size,
+            cfg.max_length,
+            remat=stage.config.model.remat != "none",
+            expert_slots_per_token=expert_slots_per_token(stage),
+            query_chunk=query_chunk(stage),
+        )
     memory = compiled.memory_analysis()
     hlo = compiled.as_text()
     # Per device, weighted by loop trip counts (`hlo_stats`); x devices = the step's.
-    flops = hlo_stats.matmul_flops(hlo)
+    program_flops = hlo_stats.matmul_flops(hlo)
+    designed = report["analytic_flops"] + sum(overheads.values())
     needed = (
         memory.argument_size_in_bytes
         + memory.output_size_in_bytes
@@ -183,9 +222,14 @@ def train_step_report(stage: trainer.Stage, hbm_bytes: int | None) -> dict:
         alias_bytes=memory.alias_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes,
         needed_bytes=needed,
-        matmul_flops=None if flops is None else flops * devices,
-        xla_over_analytic_flops=None if flops is None else round(
-            flops * devices / report["analytic_flops"], 3
+        matmul_flops=None if program_flops is None else program_flops * devices,
+        xla_over_analytic_flops=None if program_flops is None else round(
+            program_flops * devices / report["analytic_flops"], 3
+        ),
+        designed_overheads=overheads,
+        designed_flops=designed,
+        xla_over_designed_flops=None if program_flops is None else round(
+            program_flops * devices / designed, 3
         ),
         custom_calls=hlo.count(" custom-call("),
         collectives=hlo_stats.collective_ops(hlo),
@@ -219,10 +263,15 @@ def format_report(report: dict) -> str:
         verdict = "fits" if report["fits"] else "does NOT fit"
         lines.append(f"  {verdict}: {100 * report['hbm_share']:.1f}% of {gb('hbm_bytes')} HBM")
     if report["matmul_flops"] is not None:
+        share = {k: v / report["analytic_flops"] for k, v in report["designed_overheads"].items()}
         lines.append(
             f"  matmul FLOPs: program {report['matmul_flops']:.3e} / analytic "
             f"{report['analytic_flops']:.3e} = {report['xla_over_analytic_flops']} "
-            f"({report['custom_calls']} custom-call kernels not counted)"
+            f"({report['custom_calls']} custom-call kernels not counted); by design "
+            f"{report['designed_flops'] / report['analytic_flops']:.3f} (remat recompute "
+            f"+{share['remat_recompute']:.3f}, capacity padding +{share['capacity_padding']:.3f}"
+            f", attention chunks +{share['attention_chunks']:.3f}), program / designed = "
+            f"{report['xla_over_designed_flops']}"
         )
     used = {k: v for k, v in report["collectives"].items() if v["ops"]}
     lines.append(

@@ -21,19 +21,20 @@ block's attention and MLP, projector, token embedding, each decoder block's atte
 FFN, LM head; a norm belongs to the unit it feeds):
 - weight gradients, = the unit's weight-matmul forward FLOPs, if any of its params trains;
 - activation gradients, = its weight-matmul forward FLOPs + 2x its attention-score FLOPs
-  (grads w.r.t. both operands), if it or any unit before it trains: gradients must flow
-  back through it to reach a trainable param.
+  (grads w.r.t. both operands), if a unit before it trains: gradients must flow back
+  through it to reach a trainable param. If only the unit itself trains, it needs the
+  gradients of its own inner activations, not of its input: its output projection's share
+  (attention's o_proj, the FFN's down projection, the projector's layers after the first)
+  plus 2x its scores.
 So a unit that trains with trainable units below it costs 3x its forward (the usual 6 N P
 training estimate); a frozen unit above a trainable one 2x (e.g. stage 1's decoder, under
 which the projector trains); a frozen unit below every trainable one 1x (the vision tower).
-The approximation: the lowest trainable unit is charged the gradient w.r.t. its own input
-too, which nothing needs: at most one unit's weight FLOPs too many (~1/(2 x layers) of a
-stage-2 step).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 
 from moe_llava_jax import param_tree
@@ -44,11 +45,13 @@ from moe_llava_jax.models.projector import projector_depth
 @dataclasses.dataclass(frozen=True)
 class Unit:
     """One link of the chain: the param paths it owns (a prefix names a module or a param),
-    forward FLOPs of its weight matmuls and of its activation x activation matmuls."""
+    forward FLOPs of its weight matmuls, of its activation x activation matmuls, and of the
+    weight matmuls its own weight gradients must backpropagate through."""
 
     prefixes: tuple[str, ...]
     weight_flops: float
     attention_flops: float = 0.0
+    output_flops: float = 0.0  # the weight matmuls after its first (see the module docstring)
 
     def owns(self, path: str) -> bool:
         return any(path == p or path.startswith(p + "/") for p in self.prefixes)
@@ -76,11 +79,17 @@ def attention_unit(
     """Self-attention over [batch, seq, dim]: q, k, v, o projections and the scores."""
     tokens = batch * seq
     projections = 2 * tokens * dim * head_dim * (2 * heads + 2 * kv_heads)  # q, o + k, v
-    return Unit(prefixes, projections, 2 * 2 * batch * seq**2 * heads * head_dim)
+    scores = 2 * 2 * batch * seq**2 * heads * head_dim
+    return Unit(prefixes, projections, scores, output_flops=2 * tokens * dim * head_dim * heads)
 
 
 def ffn_flops(tokens: int, dim: int, hidden: int, gated: bool) -> float:
     return 2 * tokens * dim * hidden * (3 if gated else 2)
+
+
+def ffn_output_flops(tokens: int, dim: int, hidden: int) -> float:
+    """The FFN's down projection, [hidden -> dim]."""
+    return 2 * tokens * dim * hidden
 
 
 def model_units(config: LVLMConfig, batch: int, seq: int) -> list[Unit]:
@@ -112,20 +121,26 @@ def model_units(config: LVLMConfig, batch: int, seq: int) -> list[Unit]:
             Unit(
                 (f"{block}/norm2", f"{block}/mlp"),
                 ffn_flops(batch * vis_seq, vis.hidden_size, vis.intermediate_size, gated=False),
+                output_flops=ffn_output_flops(
+                    batch * vis_seq, vis.hidden_size, vis.intermediate_size
+                ),
             )
         )
     image_tokens = batch * vis.num_image_tokens
     depth = projector_depth(config.projector)
+    later_layers = 2 * image_tokens * dec.hidden_size * (depth - 1) * dec.hidden_size
     units.append(
         Unit(
             ("projector",),
-            2 * image_tokens * dec.hidden_size * (vis.hidden_size + (depth - 1) * dec.hidden_size),
+            2 * image_tokens * dec.hidden_size * vis.hidden_size + later_layers,
+            output_flops=later_layers,
         )
     )
     units.append(Unit(("decoder/embed_tokens",), 0.0))  # a lookup; trains in some recipes
     tokens = batch * seq
     moe_layers = set(dec.moe_layers)
     dense_ffn = ffn_flops(tokens, dec.hidden_size, dec.intermediate_size, dec.gated_mlp)
+    dense_out = ffn_output_flops(tokens, dec.hidden_size, dec.intermediate_size)
     for i in range(dec.num_layers):
         block = f"decoder/layers_{i}"
         units.append(
@@ -139,16 +154,49 @@ def model_units(config: LVLMConfig, batch: int, seq: int) -> list[Unit]:
                 dec.resolved_head_dim,
             )
         )
+        active = 1  # FFNs each token runs
+        ffn = 0.0
         if i in moe_layers:
             moe = dec.moe
             ffn = 2 * tokens * dec.hidden_size * moe.num_experts  # router
-            ffn += (moe.top_k + int(moe.shared_expert)) * dense_ffn  # only the active experts
-        else:
-            ffn = dense_ffn
-        units.append(Unit((f"{block}/post_attn_norm", f"{block}/mlp", f"{block}/moe"), ffn))
+            active = moe.top_k + int(moe.shared_expert)  # only the routed experts, not all E
+        units.append(
+            Unit(
+                (f"{block}/post_attn_norm", f"{block}/mlp", f"{block}/moe"),
+                ffn + active * dense_ffn,
+                output_flops=active * dense_out,
+            )
+        )
     head = "decoder/embed_tokens" if dec.tie_embeddings else "decoder/lm_head"
     units.append(Unit(("decoder/final_norm", head), 2 * tokens * dec.hidden_size * dec.vocab_size))
     return units
+
+
+_DECODER_LAYER = re.compile(r"decoder/layers_(\d+)/(.+)")
+
+
+def _chain(config: LVLMConfig, trainable_mask: Mapping, batch: int, seq: int):
+    """The units in forward order with (whether it trains, whether a unit below it trains)."""
+    units = model_units(config, batch, seq)
+    trained = {path for path, train in param_tree.flatten(trainable_mask).items() if train}
+    unowned = sorted(p for p in trained if not any(u.owns(p) for u in units))
+    if unowned:
+        raise ValueError(f"flops: trainable params {unowned} belong to no counted unit")
+    below = False  # does some unit before this one train?
+    for unit in units:
+        trains = any(unit.owns(path) for path in trained)
+        yield unit, trains, below
+        below = below or trains
+
+
+def activation_gradient_flops(unit: Unit, trains: bool, below: bool) -> float:
+    """The unit's activation-gradient FLOPs (module docstring): through all of it when a
+    unit below trains, through its output projections and scores when only it trains."""
+    if below:
+        return unit.weight_flops + 2 * unit.attention_flops
+    if trains:
+        return unit.output_flops + 2 * unit.attention_flops
+    return 0.0
 
 
 def train_step_flops(
@@ -156,19 +204,80 @@ def train_step_flops(
 ) -> StepFlops:
     """FLOPs of one step on input_ids [batch, seq] (+ batch images) training the params the
     mask (nested like the params, or flat by '/'-joined path) marks True."""
-    units = model_units(config, batch, seq)
-    trained = {path for path, train in param_tree.flatten(trainable_mask).items() if train}
-    unowned = sorted(p for p in trained if not any(u.owns(p) for u in units))
-    if unowned:
-        raise ValueError(f"flops: trainable params {unowned} belong to no counted unit")
     forward = backward = 0.0
-    grads_flow = False  # does some unit at or below this one train?
-    for unit in units:
-        trains = any(unit.owns(path) for path in trained)
-        grads_flow = grads_flow or trains
+    for unit, trains, below in _chain(config, trainable_mask, batch, seq):
         forward += unit.weight_flops + unit.attention_flops
-        if trains:
-            backward += unit.weight_flops
-        if grads_flow:
-            backward += unit.weight_flops + 2 * unit.attention_flops
+        backward += (unit.weight_flops if trains else 0.0) + activation_gradient_flops(
+            unit, trains, below
+        )
     return StepFlops(forward=forward, backward=backward)
+
+
+def designed_overheads(
+    config: LVLMConfig,
+    trainable_mask: Mapping,
+    batch: int,
+    seq: int,
+    *,
+    remat: bool,
+    expert_slots_per_token: float,
+    query_chunk: int = 0,
+) -> dict[str, float]:
+    """Matmul FLOPs a compiled step runs beyond `train_step_flops` by design, so that a
+    compiled program can be checked for work nobody asked for (`aot.py`):
+    - "remat_recompute": the backward recomputes the forward of the LM head, whose chunks run
+      under `jax.checkpoint` (`answer_loss.py`), and under `model.remat` of every decoder
+      layer it needs gradients from (its params train or a layer below does; the vision
+      tower gets no backward). "unit" remat recomputes whole units: the same layers when the
+      lowest trainable layer starts a unit, as in the presets.
+    - "capacity_padding": capacity dispatch runs each MoE layer's experts on all E x C slots
+      of their buffers (`expert_slots_per_token` per token, e.g. k x capacity factor) where
+      the analytic count has k: the extra slots cost what routed ones do, in the forward,
+      the recompute and the backward.
+    - "attention_chunks": the xla attention in chunks of `query_chunk` queries (0: none)
+      pads the queries to a whole number of chunks, and the backward of a decoder layer's
+      attention recomputes each chunk's scores q k^T (each chunk runs under
+      `jax.checkpoint`; p v is not needed again).
+    """
+    moe, dec = config.decoder.moe, config.decoder
+    tokens = batch * seq
+    head = "decoder/embed_tokens" if dec.tie_embeddings else "decoder/lm_head"
+    chain = list(_chain(config, trainable_mask, batch, seq))
+    layers = [(_DECODER_LAYER.fullmatch(u.prefixes[0]), u, t, b) for u, t, b in chain]
+    # Decoder layers the backward passes through (their params train or a layer below does).
+    backward_layers = {int(m[1]) for m, _, t, b in layers if m and (t or b)}
+    chunked = 0 < query_chunk < seq
+    padded_queries = -(-seq // query_chunk) * query_chunk if chunked else seq
+    recompute = padding = attention = 0.0
+    for layer, unit, trains, below in layers:
+        if (trains or below) and unit.owns(head):
+            recompute += unit.weight_flops + unit.attention_flops
+        if not layer:
+            continue
+        index, module = int(layer[1]), layer[2]  # decoder/layers_{index}/<module>...
+        recomputed = remat and index in backward_layers
+        if recomputed:
+            recompute += unit.weight_flops + unit.attention_flops
+        if module == "input_norm":  # the attention unit: scores over padded queries
+            in_backward = trains or below
+            passes = 1 + recomputed + 2 * in_backward
+            # A chunk's backward recomputes its probabilities (q k^T), not p v: half its FLOPs.
+            chunk_recompute = 0.5 if chunked and in_backward else 0.0
+            attention += unit.attention_flops * (
+                padded_queries / seq * (passes + chunk_recompute) - passes
+            )
+        if moe is not None and module == "post_attn_norm" and index in dec.moe_layers:
+            # One expert FFN on every token, as a unit of its own (output: its down projection).
+            expert = Unit(
+                unit.prefixes,
+                ffn_flops(tokens, dec.hidden_size, dec.intermediate_size, dec.gated_mlp),
+                output_flops=ffn_output_flops(tokens, dec.hidden_size, dec.intermediate_size),
+            )
+            passes = expert.weight_flops * (1 + recomputed + trains)
+            passes += activation_gradient_flops(expert, trains, below)
+            padding += (expert_slots_per_token - moe.top_k) * passes
+    return {
+        "remat_recompute": recompute,
+        "capacity_padding": padding,
+        "attention_chunks": attention,
+    }

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 
 from moe_llava_jax.param_tree import flatten, unflatten
 
@@ -57,3 +61,27 @@ def trainable_mask(params: Mapping, rules: str | Rules) -> dict:
             "layers they name, e.g. MoE layers in a dense model?)"
         )
     return unflatten(mask)
+
+
+STORAGE_DTYPES = ("float32", "bfloat16")
+
+
+def storage_dtype(name: str, key: str) -> jnp.dtype:
+    """A params' storage dtype named by config key `key` (one of STORAGE_DTYPES)."""
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"config key {key}={name!r}: expected one of {STORAGE_DTYPES}")
+    return jnp.dtype(name)
+
+
+def cast_frozen(params: Any, mask: Mapping, dtype: jnp.dtype) -> Any:
+    """Params (arrays or ShapeDtypeStructs) with their frozen floating leaves in `dtype`,
+    trainable ones untouched (the optimizer's master weights stay as they are)."""
+
+    def cast(param, trainable: bool):
+        if trainable or not jnp.issubdtype(param.dtype, jnp.floating):
+            return param
+        if isinstance(param, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(param.shape, dtype, sharding=param.sharding)
+        return param.astype(dtype)
+
+    return jax.tree.map(cast, params, mask)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -37,10 +38,14 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    mu_dtype: jnp.dtype | None = None,
 ) -> optax.GradientTransformation:
+    """`mu_dtype`: Adam's first moment's storage (None: the params'); nu stays the params'."""
     train = optax.chain(
         optax.clip_by_global_norm(grad_clip),
-        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+        optax.adamw(
+            schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu_dtype
+        ),
     )
     labels = jax.tree.map(lambda trainable: "train" if trainable else "freeze", mask)
     return optax.apply_if_finite(

@@ -81,8 +81,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for name in routing_after:
         if not config[name].moe:
             raise ValueError(f"config key routing.after names {name!r}, which has no MoE layers")
+    freeze.storage_dtype(config.model.frozen_param_dtype, "model.frozen_param_dtype")
     for name in build.stage_names(config):
         freeze.resolve_rules(config[name].trainable)
+        freeze.storage_dtype(config[name].mu_dtype, f"{name}.mu_dtype")
         if config[name].loss_budget < 0 or config[name].loss_chunk < 1:
             raise ValueError(
                 f"config keys {name}.loss_budget={config[name].loss_budget} (>= 0) / "
@@ -125,7 +127,14 @@ class Stage(StageModel):
             self.mask,
             weight_decay=self.stage_cfg.weight_decay,
             grad_clip=self.stage_cfg.grad_clip,
+            mu_dtype=freeze.storage_dtype(self.stage_cfg.mu_dtype, f"{name}.mu_dtype"),
         )
+        # The state holds frozen params in model.frozen_param_dtype (from here on: the
+        # optimizer's state, the step's shardings and checkpoints see those dtypes).
+        self.frozen_dtype = freeze.storage_dtype(
+            config.model.frozen_param_dtype, "model.frozen_param_dtype"
+        )
+        self.abstract_params = freeze.cast_frozen(self.abstract_params, self.mask, self.frozen_dtype)
         replicated = sharding.replicated(mesh)
         abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
         self.state_shardings = {
@@ -191,6 +200,12 @@ class Stage(StageModel):
             )
         return params
 
+    def stored(self, params: dict) -> dict:
+        """Params (model layout, any dtypes) as the state keeps them: frozen leaves in
+        `model.frozen_param_dtype`, trainable ones as they are; `params` is consumed."""
+        cast = lambda p: freeze.cast_frozen(p, self.mask, self.frozen_dtype)
+        return jax.jit(cast, out_shardings=self.param_shardings, donate_argnums=0)(params)
+
     def initial_state(self, manager, data_iterator) -> dict:
         """The latest checkpoint's state (and data position), else step 0 from `init_from`."""
         if manager.latest_step() is not None:
@@ -200,7 +215,7 @@ class Stage(StageModel):
                 checkpoint.abstract_like(self.abstract_state, self.state_shardings),
                 data_iterator,
             )
-        params = self.initial_params()
+        params = self.stored(self.initial_params())
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
         return {"step": step, "params": params, "opt_state": opt_state}

@@ -104,21 +104,22 @@ def loss_and_grads(config, name, params, batch):
 
 
 @pytest.mark.parametrize(
-    "policy,shown_as",
+    "policy,shown_as,per_layer",
     [
-        ("block", "policy=<function nothing_saveable"),
-        pytest.param("dots", "only_if_no_batch_dims=True", marks=pytest.mark.slow),
+        ("block", "policy=<function nothing_saveable", 1),
+        ("unit", "policy=<function nothing_saveable", 1 / 2),  # a dense + an MoE block each
+        pytest.param("dots", "only_if_no_batch_dims=True", 1, marks=pytest.mark.slow),
     ],
-    ids=["block", "dots"],
+    ids=["block", "unit", "dots"],
 )
-def test_remat_gives_the_same_loss_and_gradients(moe_stage_batch, policy, shown_as):
+def test_remat_gives_the_same_loss_and_gradients(moe_stage_batch, policy, shown_as, per_layer):
     config, batch, params = moe_stage_batch  # MoE with gating noise: the rng is replayed
     (loss, grads), plain_jaxpr = loss_and_grads(config, "stage3", params, batch)
     config.model.remat = policy
     (remat_loss, remat_grads), jaxpr = loss_and_grads(config, "stage3", params, batch)
     # (the plain program's only checkpoint is the answer loss's, per LM-head chunk)
     assert shown_as not in plain_jaxpr
-    assert jaxpr.count(shown_as) == config.model.decoder.num_layers  # one per block
+    assert jaxpr.count(shown_as) == config.model.decoder.num_layers * per_layer
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
     assert_trees_close(param_tree.flatten(remat_grads), param_tree.flatten(grads), atol=1e-6, rtol=1e-6)
 
@@ -149,6 +150,55 @@ def test_bfloat16_step_trains_float32_master_weights(micro_config):
     assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
     adam_moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim]
     assert adam_moments and {x.dtype for x in adam_moments} == {jnp.dtype(jnp.float32)}
+
+
+def test_frozen_params_and_adam_mu_stored_in_bfloat16(micro_config):
+    """model.frozen_param_dtype / stageN.mu_dtype: the state keeps frozen params and Adam's
+    first moment in bf16; computing in bf16 rounds frozen weights so anyway, so the step's
+    loss is the one from float32 frozen params, and the frozen params come back untouched."""
+    micro_config.model.dtype = "bfloat16"
+    f32_stage, data, tokenizer = make_stage(micro_config, "stage2")  # the tower is frozen
+    micro_config.model.frozen_param_dtype = "bfloat16"
+    micro_config.stage2.mu_dtype = "bfloat16"
+    stage, _, _ = make_stage(micro_config, "stage2")
+    batch = first_batch(stage, data, tokenizer)
+    flat_mask = param_tree.flatten(stage.mask)
+    stored = param_tree.flatten(stage.abstract_state["params"])
+    assert {p for p, x in stored.items() if x.dtype == jnp.bfloat16} == {
+        p for p, train in flat_mask.items() if not train
+    }
+    params = f32_stage.fresh_params()
+    # Frozen leaves rounded to bf16 first: the float32 stage then sees the same weights.
+    rounded = jax.tree.map(
+        lambda p, train: p if train else p.astype(jnp.bfloat16).astype(jnp.float32),
+        params,
+        stage.mask,
+    )
+
+    def one_step(s, p):
+        p = jax.tree.map(jnp.copy, p)  # the step donates its state
+        state = {"step": jnp.ones((), jnp.int32), "params": p, "opt_state": s.tx.init(p)}
+        return s.train_step(state, batch)
+
+    _, expected = one_step(f32_stage, rounded)
+    state, metrics = one_step(stage, stage.stored(jax.tree.map(jnp.copy, params)))
+    # Equal up to float32 op order (norms and embeddings add their bf16 params in f32):
+    # ~4e-6 here, where bf16 compute itself moves the loss by ~1e-2 (test above).
+    np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-5)
+    new_params, rounded = param_tree.flatten(state["params"]), param_tree.flatten(rounded)
+    for path, train in flat_mask.items():
+        assert new_params[path].dtype == (jnp.float32 if train else jnp.bfloat16), path
+        if not train:
+            np.testing.assert_array_equal(new_params[path].astype(jnp.float32), rounded[path])
+    (adam,) = [
+        s
+        for s in jax.tree.leaves(
+            state["opt_state"], is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)
+        )
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
+    assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
 
 
 def test_bfloat16_covers_the_vision_tower_and_projector(micro_config):
@@ -194,7 +244,7 @@ ATTN_W, ATTN_SCORES, MOE_FWD, HEAD_FWD = 147456, 36864, 6144 + 442368, 61440
 FORWARD = VISION_FWD + PROJECTOR_FWD + ATTN_W + ATTN_SCORES + MOE_FWD + HEAD_FWD
 
 
-def counted(preset, **moe_fields):
+def counted_model(preset, **moe_fields):
     config = tiny_lvlm_config(MoEConfig(num_experts=4, top_k=2, layers="dense"))
     config = dataclasses.replace(
         config,
@@ -210,21 +260,37 @@ def counted(preset, **moe_fields):
     # Rules and FLOP units name canonical `layers_{i}` paths.
     canonical = scan.unstack_layers(nn.unbox(abstract), layer_plans(config))
     mask = freeze.trainable_mask(canonical, preset)
-    return flops.train_step_flops(config, mask, batch=2, seq=12)
+    return config, mask
+
+
+def counted(preset, **moe_fields):
+    return flops.train_step_flops(*counted_model(preset, **moe_fields), batch=2, seq=12)
+
+
+# Output projections (the weight matmuls after each unit's first): o_proj 2 N 32 32, the
+# 2 experts' down projections 2 x 2 N 48 32, the projector's second layer 2 b 4 32 32.
+ATTN_OUT, MOE_OUT, PROJECTOR_OUT = 49152, 2 * 73728, 16384
 
 
 @pytest.mark.parametrize(
     "preset,backward",
     [
-        # Only the MoE FFN trains: weight grads + activation grads for it (2x), activation
-        # grads through the LM head above it (1x); nothing below it needs gradients.
-        ("stage3_paper", 2 * MOE_FWD + HEAD_FWD),
-        # Projector + decoder train: every unit from the projector up costs 2x its forward
-        # again (scores 2x as well); the frozen tower only its forward.
-        ("stage2", 2 * (PROJECTOR_FWD + ATTN_W + ATTN_SCORES + MOE_FWD + HEAD_FWD)),
-        # Only the projector trains: its weight + activation grads, and activation grads
-        # (1x weights, 2x scores) through the whole frozen decoder above it.
-        ("stage1", 2 * PROJECTOR_FWD + ATTN_W + 2 * ATTN_SCORES + MOE_FWD + HEAD_FWD),
+        # Only the MoE FFN trains: its weight grads, the activation grads inside it that they
+        # need (through its experts' down projections), and activation grads through the LM
+        # head above it; nothing below it needs gradients, not even its own input.
+        ("stage3_paper", MOE_FWD + MOE_OUT + HEAD_FWD),
+        # Projector + decoder train: every decoder unit costs 2x its forward again (scores 2x
+        # as well); the projector, lowest, its weights and its second layer's activations.
+        (
+            "stage2",
+            PROJECTOR_FWD + PROJECTOR_OUT + 2 * (ATTN_W + ATTN_SCORES + MOE_FWD + HEAD_FWD),
+        ),
+        # Only the projector trains: its weight + inner activation grads, and activation
+        # grads (1x weights, 2x scores) through the whole frozen decoder above it.
+        (
+            "stage1",
+            PROJECTOR_FWD + PROJECTOR_OUT + ATTN_W + 2 * ATTN_SCORES + MOE_FWD + HEAD_FWD,
+        ),
     ],
 )
 def test_flops_match_the_hand_count(preset, backward):
@@ -239,6 +305,53 @@ def test_moe_flops_count_the_k_routed_experts_not_all():
     assert more_experts.forward - base.forward == 2 * 24 * 32 * 4  # the router's 4 new columns
     assert base.forward - counted("stage3_paper", top_k=1).forward == 442368 // 2
     assert counted("stage3_paper", shared_expert=True).forward - base.forward == 442368 // 2
+
+
+DENSE_FFN = 2 * 24 * 3 * 32 * 48  # one expert on every token: MOE_FWD's routed half
+DENSE_OUT = MOE_OUT // 2  # its down projection
+
+
+@pytest.mark.parametrize(
+    "preset,remat,recompute,padding",
+    [
+        # the MoE layer trains: forward, recompute, weight gradients, and the activation
+        # gradients inside the experts (their down projections)
+        ("stage3_paper", True, ATTN_W + ATTN_SCORES + MOE_FWD + HEAD_FWD, 3 * DENSE_FFN + DENSE_OUT),
+        ("stage3_paper", False, HEAD_FWD, 2 * DENSE_FFN + DENSE_OUT),  # the LM head's chunks
+        # only the projector trains: gradients flow through the frozen experts (activation
+        # gradients, no weight gradients)
+        ("stage1", True, ATTN_W + ATTN_SCORES + MOE_FWD + HEAD_FWD, 3 * DENSE_FFN),
+    ],
+)
+def test_designed_overheads_match_the_hand_count(preset, remat, recompute, padding):
+    overheads = flops.designed_overheads(
+        *counted_model(preset), batch=2, seq=12, remat=remat, expert_slots_per_token=3.0
+    )
+    # 3 slots per token where top-2 routes 2: one expert FFN's worth of padding
+    assert overheads == {
+        "remat_recompute": recompute,
+        "capacity_padding": padding,
+        "attention_chunks": 0.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "preset,scores_passes",
+    [
+        # layer 0's attention is below every trainable unit: forward and remat's recompute
+        # only, over 15 padded queries instead of 12
+        ("stage3_paper", 1.25 * 2 - 2),
+        # gradients pass through it: forward, recompute, 2x backward, and the chunks'
+        # recompute of q k^T (half the scores' FLOPs)
+        ("stage1", 1.25 * 4.5 - 4),
+    ],
+)
+def test_attention_chunks_pad_queries_and_recompute_scores(preset, scores_passes):
+    overheads = flops.designed_overheads(
+        *counted_model(preset), batch=2, seq=12, remat=True, expert_slots_per_token=2.0,
+        query_chunk=5,
+    )
+    assert overheads["attention_chunks"] == pytest.approx(scores_passes * ATTN_SCORES)
 
 
 def test_flops_refuse_a_mask_with_params_no_unit_owns():

@@ -13,7 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from moe_llava_jax import param_tree  # noqa: E402
 from moe_llava_jax.data import from_config
-from moe_llava_jax.convert import hf, safetensors_io  # noqa: E402
+from moe_llava_jax.convert import families, hf, safetensors_io  # noqa: E402
 from moe_llava_jax.models.decoder import Decoder  # noqa: E402
 from moe_llava_jax.models.vision import VisionTower  # noqa: E402
 
@@ -313,11 +313,12 @@ def test_tokenizer_larger_than_pretrained_vocab_fails(tmp_path, micro_config):
         trainer.Stage(micro_config, "stage1", mesh, 400)
 
 
-@pytest.mark.parametrize("family", ["phi", "stablelm", "qwen"])
-def test_moe_llava_checkpoint_import_and_export(tmp_path, family):
+@pytest.mark.parametrize("family,stage", [("phi", 3), ("stablelm", 3), ("qwen", 3), ("stablelm", 2)])
+def test_moe_llava_checkpoint_import_and_export(tmp_path, family, stage, capsys):
     """A stage-3 MoE-LLaVA checkpoint built by hand from a transformers model: every MoE layer's
     experts are DeepSpeed-named copies of its FFN, so (no drops at eval capacity, gates summing
-    to 1) our MoE logits must equal the dense transformers logits."""
+    to 1) our MoE logits must equal the dense transformers logits. Stage 2: the dense release
+    (`llava_*`), the same without experts."""
     model = randomized(DECODERS[family]())
     if family == "phi":
         with torch.no_grad():
@@ -329,7 +330,8 @@ def test_moe_llava_checkpoint_import_and_export(tmp_path, family):
     }
     tensors.pop("lm_head.bias", None)
     rng = np.random.default_rng(0)
-    num_experts, moe_layers, d, vision_hidden = 4, [0, 2], TEXT["hidden_size"], 24
+    num_experts, d, vision_hidden = 4, TEXT["hidden_size"], 24
+    moe_layers = [0, 2] if stage == 3 else []
     for i in moe_layers:
         prefix = f"model.layers.{i}.mlp"
         for name in [k for k in tensors if k.startswith(prefix + ".")]:
@@ -352,11 +354,26 @@ def test_moe_llava_checkpoint_import_and_export(tmp_path, family):
     root, layers = (
         ("transformer", "transformer.h") if family == "qwen" else ("model", "model.layers")
     )
+    # As the original's stage-3 save: the frozen tower dumped into the file too.
+    tower = "transformer.image_tower" if family == "qwen" else "model.image_tower"
+    for leaf in ("embeddings.patch_embedding.weight", "encoder.layers.0.mlp.fc1.bias"):
+        tensors[f"{tower}.image_tower.vision_model.{leaf}"] = np.ones((3, 4), np.float32)
+    if family == "stablelm":  # MoE-LLaVA-StableLM's StableLMEpoch config keys, top level
+        rope = hf_config.pop("rope_parameters")
+        hf_config.update(
+            norm_eps=hf_config.pop("layer_norm_eps"),
+            rope_pct=rope["partial_rotary_factor"],
+            rope_theta=rope["rope_theta"],
+        )
+        assert hf_config["rope_pct"] == 0.25  # a fall-back to 1.0 would change the logits
     hf_config.update(
-        model_type=f"moe_llava_{family}",
+        model_type=f"moe_llava_{family}" if stage == 3 else f"llava_{family}",
         mm_hidden_size=vision_hidden,
-        mm_projector_type="mlp2x_gelu",
-        moe={
+        image_projector_type="mlp2x_gelu",
+        mm_image_tower="openai/clip-vit-large-patch14-336",
+    )
+    if stage == 3:
+        hf_config["moe"] = {
             "moe_layers_idx": moe_layers,
             "num_experts": [num_experts] * 2,
             "top_k_experts": 2,
@@ -364,16 +381,28 @@ def test_moe_llava_checkpoint_import_and_export(tmp_path, family):
             "eval_capacity_factor": 2.0,
             "min_capacity": 0,
             "use_residual": False,
-        },
-    )
-    write_checkpoint(tensors, hf_config, tmp_path / "moe")
+        }
+    if family == "qwen":  # as the original's stage-3 save also writes it: a torch pickle
+        (tmp_path / "moe").mkdir()
+        (tmp_path / "moe" / "config.json").write_text(json.dumps(hf_config))
+        torch.save(
+            {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()},
+            tmp_path / "moe" / "pytorch_model.bin",
+        )
+    else:
+        write_checkpoint(tensors, hf_config, tmp_path / "moe")
 
     config, projector, params = hf.load_moe_llava(tmp_path / "moe")
-    assert config.moe_layers == (0, 2) and config.moe.num_experts == 4 and projector == "mlp2x_gelu"
-    np.testing.assert_array_equal(
-        params["decoder"]["layers_2"]["moe"]["router"]["kernel"],
-        tensors[f"{layers}.2.mlp.deepspeed_moe.gate.wg.weight"].T,
-    )
+    assert projector == "mlp2x_gelu"
+    assert f"2 vision-tower tensors ({tower}.*) not imported" in capsys.readouterr().err
+    if stage == 3:
+        assert config.moe_layers == (0, 2) and config.moe.num_experts == 4
+        np.testing.assert_array_equal(
+            params["decoder"]["layers_2"]["moe"]["router"]["kernel"],
+            tensors[f"{layers}.2.mlp.deepspeed_moe.gate.wg.weight"].T,
+        )
+    else:
+        assert config.moe is None and "moe" not in params["decoder"]["layers_2"]
     np.testing.assert_array_equal(
         params["projector"]["fc_1"]["kernel"],
         tensors[f"{root}.mm_projector.image_spatial_proj.2.weight"].T,
@@ -385,8 +414,59 @@ def test_moe_llava_checkpoint_import_and_export(tmp_path, family):
         our_logits(config, params["decoder"], ids), expected, atol=TOLERANCE, rtol=0
     )
 
-    hf.export_moe_llava(params, f"moe_llava_{family}", projector, tmp_path / "again")
+    tower_name = hf_config["mm_image_tower"]
+    hf.export_moe_llava(
+        params, hf_config["model_type"], projector, tmp_path / "again", decoder=config,
+        mm_image_tower=tower_name,
+    )
     exported = safetensors_io.read_checkpoint(tmp_path / "again")
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(tower)}  # not exported
     assert exported.keys() == tensors.keys()
     for name, value in tensors.items():
         np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    # The exported config.json speaks the original's names and reads back to the same model.
+    written = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert written["image_projector_type"] == "mlp2x_gelu" and written["mm_image_tower"] == tower_name
+    if family == "stablelm":
+        assert written["rope_pct"] == 0.25 and "norm_eps" in written
+    if stage == 3:
+        assert written["moe"]["moe_layers_idx"] == [0, 2] and written["moe"]["num_experts"] == [4, 4]
+    again_config, again_projector, again_params = hf.load_moe_llava(tmp_path / "again")
+    assert (again_config, again_projector) == (config, projector)
+    flat, again = param_tree.flatten(params), param_tree.flatten(again_params)
+    assert flat.keys() == again.keys()
+    for path, value in flat.items():
+        np.testing.assert_array_equal(again[path], value, err_msg=path)
+
+
+@pytest.mark.parametrize(
+    "family,key,value",
+    [
+        ("qwen2", "use_sliding_window", True),
+        ("llama", "sliding_window", 4096),
+        ("stablelm", "qk_layernorm", True),
+        ("llama", "rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+    ],
+)
+def test_unimplemented_attention_settings_are_refused_by_key(tmp_path, family, key, value):
+    """Loading would run full, unscaled attention where transformers does not: refused."""
+    write_checkpoint(*saved_tensors_and_config(DECODERS[family](), tmp_path / "saved", family), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=f"config.json {key}="):
+        hf.load_decoder(tmp_path / "hf")
+
+
+def test_moe_llava_config_without_a_projector_kind_fails():
+    moe = {
+        "moe_layers_idx": [0],
+        "num_experts": [4],
+        "top_k_experts": 2,
+        "capacity_factor": 1.5,
+        "eval_capacity_factor": 2.0,
+        "min_capacity": 0,
+    }
+    hf_config = {**transformers.PhiConfig(**TEXT).to_dict(), "model_type": "moe_llava_phi", "moe": moe}
+    assert families.moe_llava_config({**hf_config, "image_projector_type": "linear"})[1] == "linear"
+    with pytest.raises(ValueError, match="names no projector kind.*image_projector_type"):
+        families.moe_llava_config(hf_config)

@@ -21,6 +21,8 @@ def test_capacity_formula():
     assert moe.expert_capacity(4, 3, 2, 0.75, 0) == 2  # ceil(2 * 0.75 * 4 / 3)
     assert moe.expert_capacity(4, 3, 2, 0.75, 5) == 5  # min_capacity wins
     assert moe.expert_capacity(10, 4, 2, 1.5, 0) == 8  # ceil(7.5)
+    # DeepSpeed's float32 rounding: 25 * float32(2.2) is 55 in float32 (56 in float64)
+    assert moe.expert_capacity(50, 2, 2, 1.1, 0) == 55
 
 
 def test_selection_slots_and_drops():
@@ -139,3 +141,19 @@ def test_placement(placement, expected):
 def test_bad_placement_names_config_key(bad):
     with pytest.raises(ValueError, match="model.moe.layers"):
         moe.moe_layer_indices(bad, 6)
+
+
+def test_torch_router_init_is_uniform_within_one_over_sqrt_d():
+    """router_init="torch": PyTorch's nn.Linear default, U(+-1/sqrt(d)), as the original's
+    gate starts; "normal" keeps N(0, router_init_std)."""
+
+    def router(init):  # a [d = 64, E = 64] router kernel
+        initializer = moe.router_initializer(moe.MoEConfig(router_init=init))
+        return np.asarray(initializer(jax.random.key(0), (64, 64), jnp.float32))
+
+    kernel, bound = router("torch"), 1 / np.sqrt(64)
+    assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.98 * bound
+    np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3), rtol=0.05)
+    np.testing.assert_allclose(router("normal").std(), 0.02, rtol=0.05)
+    with pytest.raises(ValueError, match="model.moe.router_init='kaiming'"):
+        router("kaiming")

@@ -18,7 +18,9 @@ def test_every_recipe_validates_with_the_papers_batches_and_lengths(llm, tower):
         assert stage.batch_size // stage.grad_accum_steps == 4 * 16  # 16 per chip of a v5p-8
         assert stage.data == f"/data/moe_llava/{name}.json"
         assert stage.template == ("plain" if name == "stage1" else moe_llava.LLMS[llm][1])
-    assert config.model.dtype == "bfloat16" and config.model.remat == "block"
+    assert config.model.dtype == "bfloat16" and config.model.remat == "unit"
+    assert config.model.frozen_param_dtype == "bfloat16"
+    assert config.model.decoder.intermediate_size % config.model.moe.backward_pieces == 0
 
 
 def test_an_unknown_recipe_is_refused_by_name():

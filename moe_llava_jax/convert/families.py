@@ -39,14 +39,28 @@ def _activation(hf: Mapping) -> str:
     return ACTIVATIONS[act]
 
 
+# Rotary fraction when config.json names none: transformers' config defaults per family.
+PARTIAL_ROTARY_DEFAULTS = {"stablelm": 0.25, "phi": 0.5}
+
+
+def _first(hf: Mapping, keys: tuple[str, ...], default):
+    """The value of the first of `keys` that config.json has (older releases name some
+    settings otherwise: StableLMEpoch's `norm_eps`, `rope_pct`), else `default`."""
+    return next((hf[key] for key in keys if key in hf), default)
+
+
 def _rope(hf: Mapping) -> tuple[float, float]:
     """(theta, partial rotary factor) from old (top-level) or new (`rope_parameters`) keys."""
     params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling")
-    if params.get("rope_type", "default") != "default" or scaling:
-        raise ValueError(f"config.json rope scaling {scaling or params} is not supported")
+    if hf.get("rope_scaling"):
+        raise ValueError(f"config.json rope_scaling={hf['rope_scaling']!r} is not supported")
+    if params.get("rope_type", "default") != "default":
+        raise ValueError(f"config.json rope_parameters={params!r}: only default RoPE is supported")
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    default = PARTIAL_ROTARY_DEFAULTS.get(hf["model_type"], 1.0)
+    partial = params.get(
+        "partial_rotary_factor", _first(hf, ("partial_rotary_factor", "rope_pct"), default)
+    )
     return float(theta), float(partial)
 
 
@@ -63,6 +77,11 @@ def decoder_config(hf: Mapping) -> DecoderConfig:
         raise ValueError(f"config.json model_type={model_type!r}: expected one of {DECODER_TYPES}")
     if model_type == "qwen":
         return _qwen_v1_config(hf)
+    # Sliding-window attention is not implemented: full attention would differ past the window.
+    if model_type == "qwen2":
+        _reject(hf, "use_sliding_window")
+    else:
+        _reject(hf, "sliding_window")
     theta, partial = _rope(hf)
     common = dict(
         vocab_size=hf["vocab_size"],
@@ -93,7 +112,7 @@ def decoder_config(hf: Mapping) -> DecoderConfig:
         return DecoderConfig(
             **common,
             norm="layernorm",
-            norm_eps=hf["layer_norm_eps"],
+            norm_eps=_first(hf, ("layer_norm_eps", "norm_eps"), 1e-5),
             gated_mlp=True,
             qkv_bias=bool(hf.get("use_qkv_bias", False)),
         )
@@ -309,53 +328,144 @@ def vision_ignored(config: VisionConfig) -> Callable[[str], bool]:
 # Released MoE-LLaVA checkpoints (PyTorch + DeepSpeed MoE): the base LLM's layout, experts
 # under `…mlp.deepspeed_moe.experts.deepspeed_experts.{k}`, the router `…deepspeed_moe.gate.wg`
 # and the projector next to the LLM's embeddings (`model.` or, for Qwen v1, `transformer.`).
+# The dense stage-2 releases (`llava_*`) have the same layout without experts.
 MOE_LLAVA_TYPES = {
     "moe_llava_phi": "phi",
     "moe_llava_stablelm": "stablelm",
     "moe_llava_qwen": "qwen",
 }
+DENSE_LLAVA_TYPES = {"llava_phi": "phi", "llava_stablelm": "stablelm", "llava_qwen": "qwen"}
+RELEASE_TYPES = {**MOE_LLAVA_TYPES, **DENSE_LLAVA_TYPES}
 
 
 def moe_llava_config(hf: Mapping) -> tuple[DecoderConfig, str]:
-    """(decoder config with its MoE settings, projector kind) of a MoE-LLaVA config.json."""
+    """(decoder config, with its MoE settings for a stage-3 release, projector kind) of a
+    MoE-LLaVA config.json (`moe_llava_*`, or a dense stage-2 `llava_*`)."""
     model_type = hf.get("model_type")
-    if model_type not in MOE_LLAVA_TYPES:
+    if model_type not in RELEASE_TYPES:
         raise ValueError(
-            f"config.json model_type={model_type!r}: expected one of {sorted(MOE_LLAVA_TYPES)}"
+            f"config.json model_type={model_type!r}: expected one of {sorted(RELEASE_TYPES)}"
         )
-    base = MOE_LLAVA_TYPES[model_type]
-    moe = hf.get("moe")
-    if not moe:
-        raise ValueError("config.json has no 'moe' section: not a MoE-LLaVA stage-3 checkpoint")
-    _reject(moe, "use_residual")
-    num_experts = set(moe["num_experts"])
-    if len(num_experts) != 1:
-        raise ValueError(f"config.json moe.num_experts={moe['num_experts']}: layers differ")
-    moe_cfg = MoEConfig(
-        num_experts=num_experts.pop(),
-        top_k=moe["top_k_experts"],
-        capacity_factor=moe["capacity_factor"],
-        eval_capacity_factor=moe["eval_capacity_factor"],
-        min_capacity=moe["min_capacity"],
-        layers=",".join(str(i) for i in moe["moe_layers_idx"]),
-    )
-    decoder = decoder_config({**hf, "model_type": base})
-    # The released Phi variant's lm_head has no bias (unlike transformers' PhiForCausalLM).
+    moe_cfg = None
+    if model_type in MOE_LLAVA_TYPES:
+        moe = hf.get("moe")
+        if not moe:
+            raise ValueError(
+                f"config.json model_type={model_type!r} has no 'moe' section: not a MoE-LLaVA "
+                "stage-3 checkpoint"
+            )
+        _reject(moe, "use_residual")
+        num_experts = set(moe["num_experts"])
+        if len(num_experts) != 1:
+            raise ValueError(f"config.json moe.num_experts={moe['num_experts']}: layers differ")
+        moe_cfg = MoEConfig(
+            num_experts=num_experts.pop(),
+            top_k=moe["top_k_experts"],
+            capacity_factor=moe["capacity_factor"],
+            eval_capacity_factor=moe["eval_capacity_factor"],
+            min_capacity=moe["min_capacity"],
+            layers=",".join(str(i) for i in moe["moe_layers_idx"]),
+        )
+    decoder = decoder_config({**hf, "model_type": RELEASE_TYPES[model_type]})
+    # LLaVA-Phi drops Phi-2's lm_head bias from stage 1 on (transformers' PhiForCausalLM has it).
     decoder = dataclasses.replace(decoder, moe=moe_cfg, lm_head_bias=False)
-    return decoder, hf.get("mm_projector_type", "mlp2x_gelu")
+    projector = _first(hf, PROJECTOR_KEYS, None)
+    if projector is None:
+        raise ValueError(f"config.json names no projector kind (keys {PROJECTOR_KEYS})")
+    return decoder, projector
+
+
+# config.json keys of the releases' base LLMs where they differ (StableLMEpoch, Qwen v1):
+# (norm eps, rotary fraction).
+_RELEASE_KEYS = {
+    "stablelm": ("norm_eps", "rope_pct"),
+    "phi": ("layer_norm_eps", "partial_rotary_factor"),
+    "qwen": ("layer_norm_epsilon", "rotary_pct"),
+}
+_ACTIVATION_NAMES = {"silu": "silu", "gelu_new": "gelu_new", "gelu": "gelu"}
+
+
+def moe_llava_hf_config(
+    decoder: DecoderConfig, model_type: str, projector: str, mm_hidden_size: int, **extra
+) -> dict:
+    """The config.json of a release (`moe_llava_*` / `llava_*`) with the original's key
+    names for `decoder` (its MoE settings as the `moe` dict) and the projector; `extra`
+    keys (e.g. `mm_image_tower`) are written as given. `moe_llava_config` reads it back."""
+    if model_type not in RELEASE_TYPES:
+        raise ValueError(f"model_type={model_type!r}: expected one of {sorted(RELEASE_TYPES)}")
+    base = RELEASE_TYPES[model_type]
+    eps_key, rotary_key = _RELEASE_KEYS[base]
+    hf = {
+        "model_type": model_type,
+        "vocab_size": decoder.vocab_size,
+        "hidden_size": decoder.hidden_size,
+        "num_hidden_layers": decoder.num_layers,
+        "num_attention_heads": decoder.num_heads,
+        "intermediate_size": decoder.intermediate_size,
+        "hidden_act": _ACTIVATION_NAMES[decoder.activation],
+        eps_key: decoder.norm_eps,
+        rotary_key: decoder.partial_rotary_factor,
+        "tie_word_embeddings": decoder.tie_embeddings,
+        "image_projector_type": projector,
+        "mm_hidden_size": mm_hidden_size,
+    }
+    if base == "qwen":  # Qwen v1 counts both SwiGLU halves, has fused biased qkv, no GQA
+        hf.update(
+            intermediate_size=2 * decoder.intermediate_size,
+            kv_channels=decoder.resolved_head_dim,
+            rotary_emb_base=decoder.rope_theta,
+            no_bias=not decoder.mlp_bias,
+        )
+    else:
+        hf.update(num_key_value_heads=decoder.num_kv_heads, rope_theta=decoder.rope_theta)
+    if base == "stablelm":
+        hf["use_qkv_bias"] = decoder.qkv_bias
+    moe = decoder.moe
+    if model_type in MOE_LLAVA_TYPES:
+        if moe is None:
+            raise ValueError(f"model_type={model_type!r} needs a decoder with MoE layers")
+        layers = list(decoder.moe_layers)
+        hf["moe"] = {
+            "moe_enable": True,
+            "moe_mode": "sparse" if layers == list(range(0, decoder.num_layers, 2)) else "custom",
+            "moe_layers_idx": layers,
+            "num_experts": [moe.num_experts] * len(layers),
+            "top_k_experts": moe.top_k,
+            "capacity_factor": moe.capacity_factor,
+            "eval_capacity_factor": moe.eval_capacity_factor,
+            "min_capacity": moe.min_capacity,
+            "use_residual": False,
+            "ep_size": 1,
+        }
+    elif moe is not None:
+        raise ValueError(f"model_type={model_type!r} is a dense release; the decoder has MoE layers")
+    return {**hf, **extra}
+
+
+# MoE-LLaVA stores the projector kind as `image_projector_type`; LLaVA as `mm_projector_type`.
+PROJECTOR_KEYS = ("image_projector_type", "mm_projector_type")
+
+
+def moe_llava_tower_prefix(model_type: str) -> str:
+    """Where a MoE-LLaVA stage-3 save keeps the vision tower it dumps with the rest
+    (`model.image_tower.image_tower.vision_model.*`; Qwen v1 `transformer.…`)."""
+    root = LAYOUTS[RELEASE_TYPES[model_type]].embed.split(".")[0]
+    return f"{root}.image_tower."
 
 
 def moe_llava_rules(model_type: str, projector: str) -> list[Rule]:
-    """Rules for our whole param tree minus the vision tower (which the checkpoint omits)."""
-    base = MOE_LLAVA_TYPES[model_type]
+    """Rules for our whole param tree minus the vision tower (`moe_llava_tower_prefix`)."""
+    base = RELEASE_TYPES[model_type]
     layout = LAYOUTS[base]
     rules = [(f"decoder/{ours}", hf, t) for ours, hf, t in decoder_rules(base)]
-    rules.append(("decoder/layers_{i}/moe/router/kernel", f"{layout.moe}.gate.wg.weight", "linear"))
-    for ours, hf in _mlp_names(base):
-        rules += _linear(
-            f"decoder/layers_{{i}}/moe/experts/{ours}",
-            f"{layout.moe}.experts.deepspeed_experts.{{k}}.{hf}",
-        )
+    if model_type in MOE_LLAVA_TYPES:
+        router = f"{layout.moe}.gate.wg.weight"
+        rules.append(("decoder/layers_{i}/moe/router/kernel", router, "linear"))
+        for ours, hf in _mlp_names(base):
+            rules += _linear(
+                f"decoder/layers_{{i}}/moe/experts/{ours}",
+                f"{layout.moe}.experts.deepspeed_experts.{{k}}.{hf}",
+            )
     root = layout.embed.split(".")[0]  # "model" or "transformer"
     for j in range(projector_depth(projector)):  # nn.Sequential: Linear, GELU, Linear, ...
         rules += _linear(f"projector/fc_{j}", f"{root}.mm_projector.image_spatial_proj.{2 * j}")

@@ -11,6 +11,7 @@ Params come back as float32 numpy trees (master weights), whatever the checkpoin
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -100,13 +101,25 @@ def moe_llava_shapes(
 
 
 def load_moe_llava(directory: str | Path) -> tuple[DecoderConfig, str, dict]:
-    """A released MoE-LLaVA (stage-3) checkpoint: (decoder config with MoE, projector kind,
-    {"decoder": ..., "projector": ...}). The vision tower is not in these checkpoints: load it
-    from its own CLIP/SigLIP directory with `load_vision`."""
+    """A released MoE-LLaVA checkpoint, stage 3 (`moe_llava_*`) or the dense stage 2
+    (`llava_*`): (decoder config, with MoE for stage 3, projector kind, {"decoder": ...,
+    "projector": ...}). The vision tower its stage-3 save may dump into the
+    file (`model.image_tower.*`) is skipped, and said so on stderr: it is the frozen
+    `mm_image_tower` (its config is not in the file); load it from that CLIP/SigLIP
+    directory with `load_vision`."""
     hf = read_hf_config(directory)
     decoder, projector = families.moe_llava_config(hf)
+    tensors = safetensors_io.read_checkpoint(directory)
+    tower = families.moe_llava_tower_prefix(hf["model_type"])
+    skipped = sorted(name for name in tensors if name.startswith(tower))
+    if skipped:
+        print(
+            f"{directory}: {len(skipped)} vision-tower tensors ({tower}*) not imported: load the "
+            f"tower {hf.get('mm_image_tower', '')!r} from its own directory (load_vision)",
+            file=sys.stderr,
+        )
     flat = name_rules.import_tensors(
-        safetensors_io.read_checkpoint(directory),
+        {name: value for name, value in tensors.items() if not name.startswith(tower)},
         families.moe_llava_rules(hf["model_type"], projector),
         moe_llava_shapes(decoder, projector, hf["mm_hidden_size"]),
         families.decoder_ignored(decoder),
@@ -115,11 +128,25 @@ def load_moe_llava(directory: str | Path) -> tuple[DecoderConfig, str, dict]:
 
 
 def export_moe_llava(
-    params: Mapping, model_type: str, projector: str, directory: str | Path, dtype=np.float32
+    params: Mapping,
+    model_type: str,
+    projector: str,
+    directory: str | Path,
+    dtype=np.float32,
+    decoder: DecoderConfig | None = None,
+    **config_extra,
 ) -> None:
-    """{"decoder", "projector"} params -> the MoE-LLaVA tensor layout (DeepSpeed expert names)."""
+    """{"decoder", "projector"} params -> the MoE-LLaVA tensor layout (DeepSpeed expert names);
+    with `decoder` (its config) also the release's config.json (`config_extra`: more keys,
+    e.g. `mm_image_tower`), so that `load_moe_llava` reads the directory back."""
     rules = families.moe_llava_rules(model_type, projector)
     _export(name_rules.export_tensors(param_tree.flatten(params), rules), directory, dtype)
+    if decoder is not None:
+        mm_hidden_size = int(np.shape(params["projector"]["fc_0"]["kernel"])[0])
+        hf = families.moe_llava_hf_config(
+            decoder, model_type, projector, mm_hidden_size, **config_extra
+        )
+        (Path(directory) / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
 
 
 def _export(flat_tensors: Mapping[str, np.ndarray], directory: str | Path, dtype) -> None:

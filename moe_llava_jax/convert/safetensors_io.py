@@ -3,7 +3,8 @@
 The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
 byte offsets) and the raw tensor bytes. It is read here directly, memory-mapped, because the
 `safetensors` numpy API cannot represent bfloat16 (the dtype most LLM checkpoints ship in);
-`ml_dtypes` (a JAX dependency) gives numpy a bfloat16. No torch is needed at run time.
+`ml_dtypes` (a JAX dependency) gives numpy a bfloat16. No torch is needed at run time; a
+directory holding PyTorch's `pytorch_model.bin` instead is read by `torch_pickle.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from moe_llava_jax.convert import torch_pickle
 
 DTYPES = {
     "F64": np.dtype(np.float64),
@@ -31,6 +34,8 @@ DTYPES = {
 }
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TORCH_SINGLE_FILE = "pytorch_model.bin"
+TORCH_INDEX_FILE = "pytorch_model.bin.index.json"
 
 
 def read_file(path: str | Path) -> dict[str, np.ndarray]:
@@ -55,21 +60,30 @@ def read_file(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def read_checkpoint(directory: str | Path) -> dict[str, np.ndarray]:
-    """A Hugging Face model directory: `model.safetensors`, or shards listed by the index."""
+    """A Hugging Face model directory: `model.safetensors` or the shards its index lists;
+    failing those, PyTorch's `pytorch_model.bin` or its shards (`torch_pickle.py`)."""
     directory = Path(directory)
-    index = directory / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        tensors = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(read_file(directory / shard))
-        missing = sorted(set(weight_map) - set(tensors))
-        if missing:
-            raise ValueError(f"{index}: tensors listed but absent from their shards: {missing[:5]}")
-        return tensors
-    if (directory / SINGLE_FILE).exists():
-        return read_file(directory / SINGLE_FILE)
-    raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE}")
+    for index_file, single_file, read in (
+        (INDEX_FILE, SINGLE_FILE, read_file),
+        (TORCH_INDEX_FILE, TORCH_SINGLE_FILE, torch_pickle.read_file),
+    ):
+        index = directory / index_file
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            tensors = {}
+            for shard in sorted(set(weight_map.values())):
+                tensors.update(read(directory / shard))
+            missing = sorted(set(weight_map) - set(tensors))
+            if missing:
+                raise ValueError(
+                    f"{index}: tensors listed but absent from their shards: {missing[:5]}"
+                )
+            return tensors
+        if (directory / single_file).exists():
+            return read(directory / single_file)
+    raise FileNotFoundError(
+        f"{directory}: none of {SINGLE_FILE}, {INDEX_FILE}, {TORCH_SINGLE_FILE}, {TORCH_INDEX_FILE}"
+    )
 
 
 def write_file(tensors: Mapping[str, np.ndarray], path: str | Path) -> None:

@@ -129,7 +129,7 @@ def read_scienceqa_problems(path: str | os.PathLike) -> dict[str, Record]:
     return {pid: _record(path, f"problem {pid!r}", row) for pid, row in content.items()}
 
 
-def _index(records: Sequence[Record], key: Callable[[Record], Hashable]) -> dict[Any, Record]:
+def index_records(records: Sequence[Record], key: Callable[[Record], Hashable]) -> dict[Any, Record]:
     """Records by key, in file order; a repeated key is an error (e.g. a merged answer file
     holding a chunk twice), where LLaVA's scripts would silently keep the last one."""
     index: dict[Any, Record] = {}
@@ -145,14 +145,14 @@ def _by_qid(record: Record) -> str:
     return record.qid
 
 
-def _unknown(answer: Record, reference: str) -> ValueError:
+def unknown_id_error(answer: Record, reference: str) -> ValueError:
     return ValueError(
         f"{answer.where}: field 'question_id': unknown id {answer.data['question_id']!r} "
         f"(not in {reference})"
     )
 
 
-def _missing(questions: Sequence[Record]) -> ValueError:
+def unanswered_error(questions: Sequence[Record]) -> ValueError:
     """Names how many questions went unanswered and the first few, with their lines."""
     shown = ", ".join(
         f"{q.data['question_id']!r} ({q.location})" for q in questions[:_MISSING_SHOWN]
@@ -191,14 +191,14 @@ def vqav2_submission(
     for that. By default an unanswered question is an error, which catches a truncated answer
     file. An answer to a question not in `questions` is always an error.
     """
-    by_qid = _index(answers, _by_qid)
+    by_qid = index_records(answers, _by_qid)
     known = {q.qid for q in questions}
     for answer in by_qid.values():
         if answer.qid not in known:
-            raise _unknown(answer, "the question file")
+            raise unknown_id_error(answer, "the question file")
     missing = [q for q in questions if q.qid not in by_qid]
     if missing and not allow_missing:
-        raise _missing(missing)
+        raise unanswered_error(missing)
     return [
         {
             "question_id": _int_id(q),
@@ -218,7 +218,7 @@ def gqa_predictions(answers: Sequence[Record]) -> list[dict]:
     """The file GQA's eval.py reads: one `{"questionId": str, "prediction": str}` per answer."""
     return [
         {"questionId": a.qid, "prediction": gqa_prediction(a.text)}
-        for a in _index(answers, _by_qid).values()
+        for a in index_records(answers, _by_qid).values()
     ]
 
 
@@ -244,11 +244,11 @@ def textvqa_scores(
     matches on image id and question text instead; a question file for this scorer must carry
     TextVQA's question ids.)
     """
-    humans = {qid: _human_answers(a) for qid, a in _index(annotations, _by_qid).items()}
+    humans = {qid: _human_answers(a) for qid, a in index_records(annotations, _by_qid).items()}
     per_question = []
-    for answer in _index(answers, _by_qid).values():
+    for answer in index_records(answers, _by_qid).values():
         if answer.qid not in humans:
-            raise _unknown(answer, "the TextVQA annotations")
+            raise unknown_id_error(answer, "the TextVQA annotations")
         per_question.append(
             {
                 "question_id": answer.data["question_id"],
@@ -299,10 +299,10 @@ def scienceqa_scores(
     the answers should cover the whole test split, as LLaVA's question file does.
     """
     per_question = []
-    for answer in _index(answers, _by_qid).values():
+    for answer in index_records(answers, _by_qid).values():
         problem = problems.get(answer.qid)
         if problem is None:
-            raise _unknown(answer, "the ScienceQA problems")
+            raise unknown_id_error(answer, "the ScienceQA problems")
         letter = parse_scienceqa_letter(answer.text)
         per_question.append(
             {
@@ -395,9 +395,9 @@ def mme_items(answers: Sequence[Record], questions: Sequence[Record]) -> list[MM
     predict.py copies into the answer). Every question must be answered: MME totals are sums
     over tasks, meaningless on part of them.
     """
-    by_key = _index(answers, _by_question_and_prompt)
+    by_key = index_records(answers, _by_question_and_prompt)
     items, missing = [], []
-    for key, question in _index(questions, _by_question_and_text).items():
+    for key, question in index_records(questions, _by_question_and_text).items():
         category, image, truth = _mme_question(question)
         answer = by_key.pop(key, None)
         if answer is None:
@@ -405,7 +405,7 @@ def mme_items(answers: Sequence[Record], questions: Sequence[Record]) -> list[MM
         else:
             items.append(MMEItem(category, image, question.text, truth, answer.text))
     if missing:
-        raise _missing(missing)
+        raise unanswered_error(missing)
     if by_key:
         answer = next(iter(by_key.values()))
         raise ValueError(

@@ -12,7 +12,10 @@ params are computed, never which params exist):
 - `remat`: what each block keeps for the backward pass (`REMAT_POLICIES`). "block" keeps only
   the block's input and recomputes the rest; "dots" also keeps the outputs of matmuls without
   batch dimensions (the weight projections) and recomputes the cheaper elementwise ops and
-  attention scores. Param names and values are the same under every setting.
+  attention scores. "unit" is "block" for the scanned unit as a whole (a dense and an MoE
+  block in the paper's every-other-layer placement): one saved input per unit instead of one
+  per block, for the price of holding a whole unit's intermediates while its backward runs.
+  Param names and values are the same under every setting.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from moe_llava_jax.models.attention import Attention, AttentionKernel
 from moe_llava_jax.models.mlp import MLP, FFNConfig
 from moe_llava_jax.models.moe import MoEConfig, MoELayer, moe_layer_indices
 
-# `model.remat` -> `jax.checkpoint` policy of each decoder block (None: no remat).
+# `model.remat` -> `jax.checkpoint` policy of each decoder block (None: no remat). "unit"
+# applies "block"'s to each scanned unit as a whole (module docstring).
 REMAT_POLICIES = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "unit": jax.checkpoint_policies.nothing_saveable,
 }
 
 
@@ -138,7 +143,9 @@ class DecoderUnit(nn.Module):
         deterministic: bool,
         decode: bool,
     ) -> tuple[jax.Array, tuple[dict | None, ...]]:
-        block = remat_block(self.remat, prevent_cse=False)  # scan already keeps CSE apart
+        # The unit is rematerialised as a whole under "unit" (`Decoder.setup`).
+        block_remat = "none" if self.remat == "unit" else self.remat
+        block = remat_block(block_remat, prevent_cse=False)  # scan already keeps CSE apart
         stats = []
         for j, use_moe in enumerate(self.kinds):
             x, s = block(self.config, use_moe, self.dtype, self.attention, name=f"block_{j}")(
@@ -154,13 +161,13 @@ def remat_block(remat: str, prevent_cse: bool = True) -> type[nn.Module]:
         raise ValueError(f"config key model.remat={remat!r}: expected one of {tuple(REMAT_POLICIES)}")
     if remat == "none":
         return DecoderBlock
-    # Arguments 4, 5 (self = 0) are the Python bools `deterministic` and `decode`.
-    return nn.remat(
-        DecoderBlock,
-        policy=REMAT_POLICIES[remat],
-        static_argnums=(4, 5),
-        prevent_cse=prevent_cse,
-    )
+    return rematerialised(DecoderBlock, REMAT_POLICIES[remat], prevent_cse)
+
+
+def rematerialised(module: type[nn.Module], policy, prevent_cse: bool) -> type[nn.Module]:
+    """A block or unit (x, positions, valid, deterministic, decode) under `jax.checkpoint`;
+    arguments 4, 5 (self = 0) are the Python bools `deterministic` and `decode`."""
+    return nn.remat(module, policy=policy, static_argnums=(4, 5), prevent_cse=prevent_cse)
 
 
 def in_layer_order(per_segment: list[tuple[list[int], dict]]) -> dict:
@@ -200,7 +207,10 @@ class Decoder(nn.Module):
         )
         for segment in self.plan:
             if segment.scanned:
-                unit = scan.scan_unit(DecoderUnit, segment.repeats, num_broadcast_args=4)
+                unit = DecoderUnit
+                if self.remat == "unit":  # scan already keeps CSE apart
+                    unit = rematerialised(unit, REMAT_POLICIES["unit"], prevent_cse=False)
+                unit = scan.scan_unit(unit, segment.repeats, num_broadcast_args=4)
                 module = unit(cfg, segment.kinds, self.dtype, self.remat, self.attention)
             else:
                 module = remat_block(self.remat)(

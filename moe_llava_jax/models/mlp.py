@@ -40,13 +40,23 @@ def ffn_apply(x: jax.Array, config: FFNConfig, project: Project) -> jax.Array:
     matmul over expert buffers, or a grouped matmul over rows sorted by expert). The gate and
     up projections of a gated FFN are asked for together, so that an implementation may run
     them as one matmul (dropless does: one pass of its block loop instead of two)."""
+    return project(activate(config, project(x, in_projections(config))), ("wo",))
+
+
+def in_projections(config: FFNConfig) -> tuple[str, ...]:
+    """The projections from embed to the hidden (mlp) units, in `project`'s output order."""
+    return ("wi_gate", "wi_up") if config.gated else ("wi",)
+
+
+def activate(config: FFNConfig, h: jax.Array) -> jax.Array:
+    """The in-projections' outputs side by side [..., n x mlp] -> the hidden units [..., mlp]:
+    act(gate) * up (gated), act(h) otherwise. Elementwise per hidden unit, which is what lets
+    `pieced_ffn` run the backward one slice of the mlp axis at a time."""
     act = layers.activation(config.activation)
     if config.gated:
-        gate, up = jnp.split(project(x, ("wi_gate", "wi_up")), 2, axis=-1)  # [..., mlp] each
-        h = act(gate) * up
-    else:
-        h = act(project(x, ("wi",)))  # [..., mlp]
-    return project(h, ("wo",))  # [..., embed]
+        gate, up = jnp.split(h, 2, axis=-1)  # [..., mlp] each
+        return act(gate) * up
+    return act(h)
 
 
 def joined_projections(params: Mapping[str, Mapping[str, jax.Array]], names: tuple[str, ...]):

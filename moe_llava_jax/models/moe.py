@@ -30,7 +30,8 @@ Two dispatch modes (`MoEConfig.dispatch`), same router, gates and statistics:
   with an `expert` mesh axis, tokens travel to their experts' devices by all-to-all
   (`dropless.py`).
 Both modes read the same expert params [E, ...] (declared by the vmapped `MLP`) and compute
-them with the same `ffn_apply`, so checkpoints and upcycling do not depend on the mode.
+them with the same `mlp.ffn_apply` (capacity: through `pieced_ffn`), so checkpoints and
+upcycling do not depend on the mode.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 
 from moe_llava_jax.models import layers
 from moe_llava_jax.models.dropless import routed_experts
-from moe_llava_jax.models.mlp import MLP, FFNConfig, ffn_apply
+from moe_llava_jax.models.mlp import MLP, FFNConfig
+from moe_llava_jax.models.pieced_ffn import check_pieces, pieced_ffn
 
 PLACEMENTS = ("sparse", "first_half", "second_half", "dense")
 DISPATCH_MODES = ("capacity", "dropless")
@@ -63,6 +66,9 @@ class MoEConfig:
     min_capacity: int = 0
     second_expert_noise: bool = True  # Gumbel noise on choices >= 2 in training (original)
     eval_second_expert_noise: bool = False  # original: True (non-deterministic greedy decode)
+    # The router's fresh init: "normal" N(0, router_init_std), or "torch", PyTorch's nn.Linear
+    # default U(+-1/sqrt(d)) that the original's `gate.wg` gets when stage 3 upcycles.
+    router_init: str = "normal"
     router_init_std: float = 0.02
     # Routing groups (each with its own capacity, aux loss and token order): "local" routes
     # each device's share of the micro-batch as `num_groups` groups of its own, as DeepSpeed
@@ -73,6 +79,9 @@ class MoEConfig:
     layers: str = "sparse"  # a PLACEMENTS name or comma-separated layer indices, e.g. "0,3"
     shared_expert: bool = False  # an always-on dense FFN added to the routed output
     dispatch: str = "capacity"  # a DISPATCH_MODES name: "dropless" computes every choice
+    # Capacity dispatch: the experts' backward runs this many slices of their mlp axis one
+    # after another (`pieced_ffn.py`: same numbers, ~1/pieces of the [g, E, C, F] temporaries).
+    backward_pieces: int = 1
 
 
 def moe_layer_indices(placement: str, num_layers: int) -> tuple[int, ...]:
@@ -102,8 +111,12 @@ def moe_layer_indices(placement: str, num_layers: int) -> tuple[int, ...]:
 def expert_capacity(
     tokens_per_group: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int
 ) -> int:
-    """C = ceil(k * capacity_factor * tokens_per_group / E), at least `min_capacity`."""
-    return max(math.ceil(top_k * capacity_factor * tokens_per_group / num_experts), min_capacity)
+    """C = ceil((S / E) * (k * capacity_factor)), at least `min_capacity`, rounded as
+    DeepSpeed's `_capacity` computes it: a float32 product of float32(S / E) and float32(k *
+    capacity_factor). In exact arithmetic some factors land one slot higher (S=50, E=2,
+    factor 1.1: 55 there, ceil(55.000000000000007) = 56 in float64)."""
+    product = np.float32(tokens_per_group / num_experts) * np.float32(top_k * capacity_factor)
+    return max(math.ceil(product), min_capacity)
 
 
 class Routing(NamedTuple):
@@ -201,6 +214,21 @@ def combine(y: jax.Array, routing: Routing) -> jax.Array:
     return jnp.einsum("gskd,gsk->gsd", picked, routing.gate.astype(y.dtype))
 
 
+ROUTER_INITS = ("normal", "torch")
+
+
+def router_initializer(config: MoEConfig) -> nn.initializers.Initializer:
+    """`config.router_init`: N(0, router_init_std), or U(+-1/sqrt(fan_in)) as PyTorch
+    initialises an nn.Linear (variance 1/(3 fan_in))."""
+    if config.router_init == "normal":
+        return nn.initializers.normal(config.router_init_std)
+    if config.router_init == "torch":
+        return nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+    raise ValueError(
+        f"config key model.moe.router_init={config.router_init!r}: expected one of {ROUTER_INITS}"
+    )
+
+
 def routing_groups(config: MoEConfig, batch: int) -> tuple[int, bool]:
     """(How many routing groups a micro-batch of `batch` rows splits into, whether they are
     split over the batch's devices). "local": `num_groups` per device of the logical `batch`
@@ -234,16 +262,12 @@ def on_expert_devices(buffers: jax.Array, local: bool) -> jax.Array:
     return jax.lax.with_sharding_constraint(buffers, jax.sharding.NamedSharding(mesh, spec))
 
 
-def stacked_linear(x: jax.Array, params: Mapping[str, jax.Array]) -> jax.Array:
-    """Every expert's projection on its own buffer: x [g, E, C, a] -> [g, E, C, b].
-
-    One batched matmul over E (groups and slots merged into rows): XLA:CPU computes the
-    kernel gradient of a contraction over two dims (g, C) several times slower."""
-    rows = rearrange(x, "g e c a -> e (g c) a")
+def stacked_linear(rows: jax.Array, params: Mapping[str, jax.Array]) -> jax.Array:
+    """Every expert's projection on its own rows: [E, rows, a] -> [E, rows, b]."""
     y = jnp.einsum("era,eab->erb", rows, params["kernel"])
     if "bias" in params:
         y = y + params["bias"][:, None, :]
-    return rearrange(y, "e (g c) b -> g e c b", g=x.shape[0])
+    return y
 
 
 class MoELayer(nn.Module):
@@ -272,12 +296,16 @@ class MoELayer(nn.Module):
             cfg.num_experts,
             use_bias=False,
             dtype=jnp.float32,
-            kernel_init=layers.logical_init(
-                nn.initializers.normal(cfg.router_init_std), ("embed", None)
-            ),
+            kernel_init=layers.logical_init(router_initializer(cfg), ("embed", None)),
             name="router",
         )
         logits = router(tokens.astype(jnp.float32))  # [g, s, E]
+        check_pieces(cfg.backward_pieces, self.ffn)
+        if cfg.dispatch == "dropless" and cfg.backward_pieces != 1:
+            raise ValueError(
+                f"config key model.moe.backward_pieces={cfg.backward_pieces}: only capacity "
+                "dispatch runs the experts' backward in pieces (model.moe.dispatch='dropless')"
+            )
         if cfg.dispatch == "dropless":
             # A token picks an expert at most once: s slots per expert drop nothing.
             capacity = tokens.shape[1]
@@ -296,7 +324,7 @@ class MoELayer(nn.Module):
         self.sow("intermediates", "expert_index", routing.expert_index)
 
         # The vmapped MLP declares the experts' params [E, ...] (names, init, logical axes:
-        # what checkpoints and upcycling see); both modes then apply them via `ffn_apply`.
+        # what checkpoints and upcycling see); both modes then apply them via `mlp.ffn_apply`.
         experts = nn.vmap(
             MLP,
             in_axes=1,
@@ -327,16 +355,23 @@ class MoELayer(nn.Module):
             # Under a context mesh and rules (sharding.mesh_context, as train.run): the
             # buffers live on their experts' devices, so GSPMD moves tokens there and back.
             buffers = on_expert_devices(buffers, local)
-            y = ffn_apply(  # [g, E, C, d]
-                buffers,
+            # Groups and slots merged into rows, once for the whole FFN: XLA:CPU computes the
+            # kernel gradient of a contraction over two dims (g, C) several times slower, and
+            # on TPU each [g, E, C, F] <-> [E, g C, F] relayout of the hidden units is a copy.
+            rows = rearrange(buffers, "g e c d -> e (g c) d")
+            y = pieced_ffn(  # [E, g C, d]
+                rows,
+                params,
                 self.ffn,
                 # One product per projection: joining the kernels would copy every expert's
-                # weights at each call, a decoding step's main memory traffic.
-                lambda h, names: jnp.concatenate(
-                    [stacked_linear(h, params[name]) for name in names], axis=-1
+                # weights at each call, a decoding step's main memory traffic (the pieced
+                # backward of training joins the in-projections: small next to activations).
+                lambda h, p, names: jnp.concatenate(
+                    [stacked_linear(h, p[name]) for name in names], axis=-1
                 ),
+                1 if deterministic else cfg.backward_pieces,  # no backward to run in pieces
             )
-            y = on_expert_devices(y, local)
+            y = on_expert_devices(rearrange(y, "e (g c) d -> g e c d", g=num_groups), local)
             if local:
                 y = layers.batch_sharded(y)  # back to its tokens' devices
             routed = combine(y, routing)  # [g, s, d]
