@@ -38,6 +38,20 @@ def tiny_model() -> ml_collections.ConfigDict:
             # their config.json replaces `decoder` / `vision` dimensions. See the README.
             "llm_from": "",
             "vision_from": "",
+            # A released MoE-LLaVA directory (moe_llava_*, or a dense stage-2 llava_*): the run's
+            # first stage starts from its decoder and projector (tower: vision_from); its
+            # config.json replaces `decoder`, the MoE architecture and `projector`. README,
+            # "Fine-tuning a released model".
+            "init_from_hf": "",
+            # A stage-1 release's projector-only file (mm_projector.bin or .safetensors) the
+            # run's first stage starts its projector from, e.g. stage 2 over llm_from and
+            # vision_from (LLaVA's --pretrain_mm_mlp_adapter); its kind is `projector`.
+            "projector_from": "",
+            # Recipe switches over a pretrained LLM: drop its lm_head bias (LLaVA-Phi does, from
+            # stage 1 on; Phi-2 has one), and the residual dropout rate (-1: the LLM's own,
+            # Phi-2's resid_pdrop 0.1; >= 0: this rate; training only, the "dropout" rng).
+            "drop_lm_head_bias": False,
+            "residual_dropout": -1.0,
             "projector": "mlp2x_gelu",
             # Compute knobs (same params whatever they say): the decoder's activation/matmul
             # dtype, float32 | bfloat16 (trainable params stay float32); and what its blocks
@@ -54,9 +68,10 @@ def tiny_model() -> ml_collections.ConfigDict:
             # time and program size flat in depth, params stacked on a `layers` axis in the
             # train state and checkpoints (same math; models/scan.py). False: a Python loop.
             "scan_layers": True,
-            # How attention is computed (same math; models/attention.py): auto (cuDNN's
-            # fused kernel on GPU in 16-bit training, else xla) | xla | cudnn; the xla path
-            # takes attention_chunk queries at a time (0: all), so no [b, h, T, T] scores.
+            # How attention is computed (same math; models/attention.py): auto (in training:
+            # cuDNN's fused kernel on GPU in 16-bit, Pallas's splash kernel on TPU; else
+            # xla) | xla | cudnn | splash; the xla path takes attention_chunk queries at a
+            # time (0: all), so no [b, h, T, T] scores.
             "attention": "auto",
             "attention_chunk": 256,
             # The model sections are the dataclasses' fields (one source of defaults: see

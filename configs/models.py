@@ -30,6 +30,7 @@ LLMS = {
         "partial_rotary_factor": 0.4,
         "tie_word_embeddings": False,
         "qk_layernorm": False,
+        "resid_pdrop": 0.1,
     },
     "stablelm-2-1.6b": {  # stabilityai/stablelm-2-1_6b
         "model_type": "stablelm",

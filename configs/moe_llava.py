@@ -9,7 +9,15 @@ Compile ahead of time for a TPU slice, shapes only (no weights, no data, no TPU)
     JAX_PLATFORMS=cpu python -m moe_llava_jax.aot --config=configs/moe_llava.py:llm=stablelm \\
         --topology=v5p-8
 
-Args: llm = stablelm | qwen | phi; tower = clip | siglip; data = directory holding the
+Fine-tune a release (e.g. continue stage 3 on one's own data; README, "Fine-tuning a
+released model"):
+    python -m moe_llava_jax.train --config=configs/moe_llava.py:llm=stablelm,data=/data/mine,\
+release=/weights/MoE-LLaVA-StableLM-1.6B-4e,run_stages=stage3 \
+        --config.model.vision_from=/weights/clip-vit-large-patch14-336
+
+Args: llm = stablelm | qwen | phi; tower = clip | siglip; release = a MoE-LLaVA release
+directory the first stage of run_stages starts from (`model.init_from_hf`; its
+tokenizer.json unless `data.tokenizer` says otherwise); data = directory holding the
 stages' LLaVA-format files (`stage1.json`: LLaVA-558k captions, `stage2.json`: the ~964k
 MoE-LLaVA instruction mix, `stage3.json`: LLaVA-1.5 mix-665k) with the image paths relative
 to it; run_stages (default all three). Set `data.tokenizer` to the LLM's `tokenizer.json`.
@@ -30,6 +38,7 @@ import math
 import os
 
 from configs import common, models
+from moe_llava_jax import build
 from moe_llava_jax.models.vision import VisionConfig
 
 LLMS = {  # arg -> (preset, chat template, EOS token)
@@ -46,7 +55,7 @@ TEXT_TOKENS, DEVICES, PER_DEVICE_MICRO_BATCH = 2048, 4, 16
 
 def get_config(arg: str | None = None):
     args = common.parse_arg(
-        arg, llm="stablelm", tower="clip", data="", run_stages="stage1,stage2,stage3"
+        arg, llm="stablelm", tower="clip", data="", release="", run_stages="stage1,stage2,stage3"
     )
     if args.llm not in LLMS or args.tower not in TOWERS:
         raise ValueError(
@@ -67,6 +76,7 @@ def get_config(arg: str | None = None):
     )
     config.model.moe.backward_pieces = 4
     config.model.moe.router_init = "torch"  # the original's fresh gate: PyTorch's Linear init
+    config.model.drop_lm_head_bias = args.llm == "phi"  # LLaVA-Phi's, from stage 1 on
     config.mesh = {"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}
     config.data.update(image_root=args.data, eos_token=eos)
     positions = TEXT_TOKENS + VisionConfig(**config.model.vision).num_image_tokens
@@ -86,4 +96,8 @@ def get_config(arg: str | None = None):
             log_every=10,
         )
     config.pope.template = template
+    if args.release:
+        config.model.init_from_hf = args.release
+        config.data.tokenizer = os.path.join(args.release, "tokenizer.json")
+        config[build.stage_names(config)[0]].init_from = ""
     return config

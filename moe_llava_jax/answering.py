@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moe_llava_jax import checkpoint, sharding
-from moe_llava_jax.build import StageModel
+from moe_llava_jax.build import StageModel, check_release_start, stage_names
 from moe_llava_jax.data import from_config
 from moe_llava_jax.data.conversation import (
     IMAGE_PLACEHOLDER,
@@ -115,6 +115,19 @@ class Answerer:
         return answers
 
 
+def release_stage(config: ml_collections.ConfigDict) -> str:
+    """The stage of `config` that answers from the release `model.init_from_hf` names: the
+    last of `run_stages` (its template and model), checked as training would check it."""
+    if not config.model.get("init_from_hf", ""):
+        raise ValueError(
+            "config key model.init_from_hf is empty: answering from a config needs a released "
+            "MoE-LLaVA directory there (or give a checkpoints directory instead)"
+        )
+    name = stage_names(config)[-1]
+    check_release_start(config, name)
+    return name
+
+
 def local_mesh() -> jax.sharding.Mesh:
     """Every device of this process on the `data` axis: answering needs no other split
     (experts and weights replicated, questions split over the devices)."""
@@ -122,29 +135,43 @@ def local_mesh() -> jax.sharding.Mesh:
 
 
 class Predictor:
-    """A checkpoint ready to answer: its model (rebuilt from the saved config on `mesh`,
-    default `local_mesh()`), params, tokenizer, template and preprocessing."""
+    """A model ready to answer: its model (rebuilt on `mesh`, default `local_mesh()`),
+    params, tokenizer, template and preprocessing, from either
+
+    - a stage's checkpoints directory: its saved config rebuilds the model, whatever mesh it
+      trained on; or
+    - a config whose `model.init_from_hf` names a released MoE-LLaVA directory: the last
+      stage of its `run_stages` as that stage would start training (`fresh_params`: the
+      release's decoder and projector, the tower from `model.vision_from`)."""
 
     def __init__(
         self,
-        checkpoint_dir: str | Path,
+        source: str | Path | ml_collections.ConfigDict,
         *,
         batch_size: int = 16,
         max_new_tokens: int = 128,
         sampling: Sampling = GREEDY,
         mesh: jax.sharding.Mesh | None = None,
     ):
-        meta = checkpoint.restore_meta(checkpoint_dir)
-        config = ml_collections.ConfigDict(json.loads(meta["config"]))
+        self.mesh = mesh or local_mesh()
+        if isinstance(source, ml_collections.ConfigDict):
+            config, name = source, release_stage(source)
+        else:
+            meta = checkpoint.restore_meta(source)
+            config = ml_collections.ConfigDict(json.loads(meta["config"]))
+            name = meta["stage"]
         self.config = config
         self.tokenizer = from_config.load_tokenizer(config)
-        self.mesh = mesh or local_mesh()
-        self.stage = StageModel(config, meta["stage"], self.mesh, self.tokenizer.vocab_size)
-        self.params, _ = self.stage.restore_params(checkpoint_dir)
+        self.stage = StageModel(config, name, self.mesh, self.tokenizer.vocab_size)
+        if isinstance(source, ml_collections.ConfigDict):
+            with sharding.mesh_context(self.mesh, self.stage.rules):
+                self.params = self.stage.fresh_params()
+        else:
+            self.params, _ = self.stage.restore_params(source)
         self.answerer = Answerer(
             functools.partial(CachedDecoder(self.stage.model_cfg), self.params),
             self.tokenizer,
-            get_template(config[meta["stage"]].template),
+            get_template(config[name].template),
             self.stage.preprocessing(),
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
@@ -160,13 +187,22 @@ class Predictor:
             return self.answerer(questions, images, progress)
 
 
+def with_suffix(question: str, suffix: str) -> str:
+    """`question` ending with `suffix` (a benchmark's instruction), added only where absent:
+    LLaVA's question files for some benchmarks carry it already."""
+    return question if question.endswith(suffix) else question + suffix
+
+
 def answer_file(
     predictor: Predictor,
     questions_path: str | Path,
     image_folder: str | Path,
     answers_path: str | Path,
+    *,
+    question_suffix: str = "",
 ) -> None:
-    """LLaVA question jsonl -> answer jsonl, in question order."""
+    """LLaVA question jsonl -> answer jsonl, in question order; each question asked ending
+    with `question_suffix` (`with_suffix`), its `prompt` field as the file has it."""
     questions = []
     for lineno, row in iter_jsonl(questions_path):
         missing = [k for k in ("question_id", "text") if k not in row]
@@ -174,7 +210,8 @@ def answer_file(
             raise ValueError(f"{questions_path}: line {lineno}: missing field {missing[0]!r}")
         questions.append(row)
     images = [str(Path(image_folder) / q["image"]) if q.get("image") else None for q in questions]
-    answers = predictor.answer([q["text"] for q in questions], images, progress=True)
+    texts = [with_suffix(q["text"], question_suffix) for q in questions]
+    answers = predictor.answer(texts, images, progress=True)
     model_id = f"moe_llava_jax/{predictor.stage.name}"
     write_jsonl(
         answers_path,

@@ -44,6 +44,7 @@ from jax.sharding import AxisType, Mesh
 from ml_collections import config_flags
 
 from moe_llava_jax import checkpoint, cli, flops, hlo_stats, sharding, trainer
+from moe_llava_jax.models.attention import AttentionKernel
 from moe_llava_jax.models.moe import expert_capacity, routing_groups
 
 GiB = 2**30
@@ -153,11 +154,12 @@ def expert_slots_per_token(stage: trainer.Stage) -> float:
     return moe.num_experts * capacity / tokens
 
 
-def query_chunk(stage: trainer.Stage) -> int:
-    """Queries per chunk of the stage's decoder attention for a TPU or CPU target: the xla
-    kernel's `model.attention_chunk` (cuDNN's kernel does not chunk)."""
+def training_attention(stage: trainer.Stage) -> str:
+    """The attention kernel the stage's train step runs on its mesh's platform (xla, cudnn,
+    splash: `AttentionKernel.choose` for training's unpadded, uncached attention)."""
     cfg = stage.model_cfg
-    return 0 if cfg.attention == "cudnn" else cfg.attention_chunk
+    kernel = AttentionKernel(cfg.attention, cfg.attention_chunk, cfg.platform)
+    return kernel.choose(cfg.dtype, padded=False, decode=False)
 
 
 def train_step_report(stage: trainer.Stage, hbm_bytes: int | None) -> dict:
@@ -196,6 +198,7 @@ def train_step_report(stage: trainer.Stage, hbm_bytes: int | None) -> dict:
             )
             return report
         report["compile_s"] = round(time.perf_counter() - start, 1)
+        attention = report["attention"] = training_attention(stage)
         overheads = flops.designed_overheads(
             stage.model_cfg,
             stage.canonical(stage.mask),
@@ -203,7 +206,8 @@ def train_step_report(stage: trainer.Stage, hbm_bytes: int | None) -> dict:
             cfg.max_length,
             remat=stage.config.model.remat != "none",
             expert_slots_per_token=expert_slots_per_token(stage),
-            query_chunk=query_chunk(stage),
+            query_chunk=stage.model_cfg.attention_chunk if attention == "xla" else 0,
+            attention_kernel=attention != "xla",
         )
     memory = compiled.memory_analysis()
     hlo = compiled.as_text()
@@ -264,14 +268,19 @@ def format_report(report: dict) -> str:
         lines.append(f"  {verdict}: {100 * report['hbm_share']:.1f}% of {gb('hbm_bytes')} HBM")
     if report["matmul_flops"] is not None:
         share = {k: v / report["analytic_flops"] for k, v in report["designed_overheads"].items()}
+        in_kernels = (
+            f", attention in {report['attention']} kernels {share['attention_kernel']:+.3f}"
+            if report["attention"] != "xla"
+            else ""
+        )
         lines.append(
             f"  matmul FLOPs: program {report['matmul_flops']:.3e} / analytic "
             f"{report['analytic_flops']:.3e} = {report['xla_over_analytic_flops']} "
             f"({report['custom_calls']} custom-call kernels not counted); by design "
             f"{report['designed_flops'] / report['analytic_flops']:.3f} (remat recompute "
             f"+{share['remat_recompute']:.3f}, capacity padding +{share['capacity_padding']:.3f}"
-            f", attention chunks +{share['attention_chunks']:.3f}), program / designed = "
-            f"{report['xla_over_designed_flops']}"
+            f", attention chunks +{share['attention_chunks']:.3f}{in_kernels}), program / "
+            f"designed = {report['xla_over_designed_flops']}"
         )
     used = {k: v for k, v in report["collectives"].items() if v["ops"]}
     lines.append(

@@ -35,34 +35,49 @@ def stage_names(config: ml_collections.ConfigDict) -> list[str]:
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int, with_moe: bool) -> LVLMConfig:
     """The stage's model. `model.llm_from` / `model.vision_from` (Hugging Face directories)
-    take the decoder / tower dimensions from their config.json instead of `model.*`."""
+    take the decoder / tower dimensions from their config.json instead of `model.*`;
+    `model.init_from_hf` (a MoE-LLaVA release) takes the decoder, the MoE architecture
+    (`families.RELEASE_MOE_FIELDS`), the projector and the tower's feature layer from its."""
     moe = MoEConfig(**config.model.moe.to_dict()) if with_moe else None
-    if config.model.llm_from:
+    projector = config.model.projector
+    vision_cfg = config.model.vision
+    select_layer, select_feature = vision_cfg.select_layer, vision_cfg.select_feature
+    if release_dir := config.model.get("init_from_hf", ""):
+        release = hf.read_hf_config(release_dir)
+        decoder, projector = families.moe_llava_config(release)
+        if moe is not None and decoder.moe is not None:
+            moe = dataclasses.replace(
+                moe, **{f: getattr(decoder.moe, f) for f in families.RELEASE_MOE_FIELDS}
+            )
+        decoder = dataclasses.replace(decoder, moe=moe)
+        select_layer = release.get("mm_vision_select_layer", select_layer)
+        select_feature = release.get("mm_vision_select_feature", select_feature)
+    elif config.model.llm_from:
         decoder = families.decoder_config(hf.read_hf_config(config.model.llm_from))
         decoder = dataclasses.replace(decoder, moe=moe)
     else:
         fields = config.model.decoder.to_dict()
         fields["vocab_size"] = fields["vocab_size"] or vocab_size  # 0: the tokenizer's
         decoder = DecoderConfig(**fields, moe=moe)
+    decoder = recipe_overrides(config.model, decoder)
     if decoder.vocab_size < vocab_size:
         raise ValueError(
             f"the tokenizer has {vocab_size} tokens, the decoder's vocab_size is only "
             f"{decoder.vocab_size} (config keys data.tokenizer, model.llm_from, "
-            "model.decoder.vocab_size)"
+            "model.init_from_hf, model.decoder.vocab_size)"
         )
-    vision_cfg = config.model.vision
     if config.model.vision_from:
         vision = families.vision_config(
             hf.read_hf_config(config.model.vision_from),
-            select_layer=vision_cfg.select_layer,
-            select_feature=vision_cfg.select_feature,
+            select_layer=select_layer,
+            select_feature=select_feature,
         )
     else:
         vision = VisionConfig(**vision_cfg.to_dict())
     return LVLMConfig(
         vision=vision,
         decoder=decoder,
-        projector=config.model.projector,
+        projector=projector,
         dtype=config.model.dtype,
         remat=config.model.remat,
         scan_layers=config.model.scan_layers,
@@ -70,6 +85,45 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, with_moe: b
         attention=config.model.get("attention", "xla"),
         attention_chunk=config.model.get("attention_chunk", 0),
     )
+
+
+def recipe_overrides(model: ml_collections.ConfigDict, decoder: DecoderConfig) -> DecoderConfig:
+    """Where a recipe trains an LLM otherwise than its checkpoint says: LLaVA-Phi drops
+    Phi-2's lm_head bias from stage 1 on (`model.drop_lm_head_bias`); `model.residual_dropout`
+    >= 0 replaces the LLM's own rate (Phi-2's config.json: resid_pdrop 0.1). Configs saved
+    before these keys existed have neither."""
+    if model.get("drop_lm_head_bias", False):
+        decoder = dataclasses.replace(decoder, lm_head_bias=False)
+    if (rate := model.get("residual_dropout", -1.0)) >= 0:
+        decoder = dataclasses.replace(decoder, residual_dropout=rate)
+    return decoder
+
+
+def check_release_start(config: ml_collections.ConfigDict, stage: str) -> None:
+    """Stage `stage` starts from the release `model.init_from_hf` names (if it names one):
+    the keys that would contradict it are refused before any work."""
+    release_dir = config.model.get("init_from_hf", "")
+    if not release_dir:
+        return
+    release = hf.read_hf_config(release_dir)
+    families.moe_llava_config(release)  # a release at all (its model_type, MoE section)
+    for key in ("llm_from", "projector_from"):
+        if value := config.model.get(key, ""):
+            raise ValueError(
+                f"config key model.{key}={value!r}: the decoder and projector come from "
+                f"model.init_from_hf={release_dir!r}; set model.{key}=''"
+            )
+    if not config.model.vision_from:
+        raise ValueError(
+            f"config key model.vision_from is empty: {release_dir} (model.init_from_hf) holds "
+            f"no usable tower; give the directory of its mm_image_tower "
+            f"{release.get('mm_image_tower', '')!r}"
+        )
+    if release["model_type"] in families.MOE_LLAVA_TYPES and not config[stage].moe:
+        raise ValueError(
+            f"config key {stage}.moe=False: model.init_from_hf={release_dir!r} is a MoE "
+            f"release ({release['model_type']}); start a MoE stage from it (e.g. run_stages=stage3)"
+        )
 
 
 def init_variables(
@@ -92,7 +146,12 @@ class StageModel:
     ):
         self.config, self.name, self.mesh = config, name, mesh
         self.stage_cfg = config[name]
-        self.model_cfg = model_config(config, vocab_size, self.stage_cfg.moe)
+        # The mesh's platform picks `auto` kernels: an AOT compile for TPU from a CPU host
+        # gets TPU's attention kernel.
+        self.model_cfg = dataclasses.replace(
+            model_config(config, vocab_size, self.stage_cfg.moe),
+            platform=mesh.devices.flat[0].platform,
+        )
         expert_devices = mesh.shape.get("expert", 1)
         if self.stage_cfg.moe and config.model.moe.num_experts % expert_devices:
             raise ValueError(
@@ -161,23 +220,39 @@ class StageModel:
         return init(jax.random.key(self.config.seed))
 
     def fresh_params(self) -> dict:
-        """Random init, with the towers named by `model.vision_from` / `model.llm_from`
-        loaded over it (a pretrained LLM is upcycled when this stage's model is MoE)."""
+        """Random init, with what `model.vision_from`, `model.llm_from`, `model.init_from_hf`
+        (a release's decoder and projector) and `model.projector_from` (a stage-1 release's
+        projector) name loaded over it; a dense pretrained LLM is upcycled when this stage's
+        model is MoE."""
         params = self.random_params()
-        pretrained = {}
-        if self.config.model.vision_from:
+        model = self.config.model
+        pretrained, dense_decoder = {}, True
+        if model.vision_from:
             pretrained["vision"] = hf.load_vision(
-                self.config.model.vision_from,
+                model.vision_from,
                 select_layer=self.model_cfg.vision.select_layer,
                 select_feature=self.model_cfg.vision.select_feature,
             )[1]
-        if self.config.model.llm_from:
-            pretrained["decoder"] = hf.load_decoder(self.config.model.llm_from)[1]
+        if model.get("init_from_hf", ""):
+            release_decoder, _, release = hf.load_moe_llava(model.init_from_hf)
+            pretrained.update(release)
+            dense_decoder = release_decoder.moe is None
+        elif model.llm_from:
+            pretrained["decoder"] = hf.load_decoder(model.llm_from)[1]
+        if model.get("projector_from", ""):
+            pretrained["projector"] = hf.load_projector(
+                model.projector_from,
+                self.model_cfg.projector,
+                self.model_cfg.vision.hidden_size,
+                self.model_cfg.decoder.hidden_size,
+            )
         if not pretrained:
             return params
+        if "decoder" in pretrained and not self.model_cfg.decoder.lm_head_bias:
+            pretrained["decoder"]["lm_head"].pop("bias", None)  # model.drop_lm_head_bias
         canonical = self.canonical(params)
         merged = {**canonical, **pretrained}
-        if self.model_cfg.decoder.moe is not None and "decoder" in pretrained:
+        if self.model_cfg.decoder.moe is not None and "decoder" in pretrained and dense_decoder:
             return self.upcycle(merged, canonical)
         return jax.device_put(scan.stack_layers(merged, self.plans), self.param_shardings)
 

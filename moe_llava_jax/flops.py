@@ -222,6 +222,7 @@ def designed_overheads(
     remat: bool,
     expert_slots_per_token: float,
     query_chunk: int = 0,
+    attention_kernel: bool = False,
 ) -> dict[str, float]:
     """Matmul FLOPs a compiled step runs beyond `train_step_flops` by design, so that a
     compiled program can be checked for work nobody asked for (`aot.py`):
@@ -238,6 +239,9 @@ def designed_overheads(
       pads the queries to a whole number of chunks, and the backward of a decoder layer's
       attention recomputes each chunk's scores q k^T (each chunk runs under
       `jax.checkpoint`; p v is not needed again).
+    - "attention_kernel" (negative): with `attention_kernel` the scores and p v run inside a
+      fused kernel (splash, cuDNN), a custom call the program's matmul count does not see:
+      every pass over them the analytic count and the recompute have is taken out.
     """
     moe, dec = config.decoder.moe, config.decoder
     tokens = batch * seq
@@ -246,20 +250,22 @@ def designed_overheads(
     layers = [(_DECODER_LAYER.fullmatch(u.prefixes[0]), u, t, b) for u, t, b in chain]
     # Decoder layers the backward passes through (their params train or a layer below does).
     backward_layers = {int(m[1]) for m, _, t, b in layers if m and (t or b)}
-    chunked = 0 < query_chunk < seq
+    chunked = 0 < query_chunk < seq and not attention_kernel
     padded_queries = -(-seq // query_chunk) * query_chunk if chunked else seq
-    recompute = padding = attention = 0.0
+    recompute = padding = attention = in_kernel = 0.0
     for layer, unit, trains, below in layers:
-        if (trains or below) and unit.owns(head):
+        in_backward = trains or below
+        if in_backward and unit.owns(head):
             recompute += unit.weight_flops + unit.attention_flops
+        recomputed = bool(layer) and remat and int(layer[1]) in backward_layers
+        if attention_kernel:  # every unit's scores (the tower's too): forward, recompute, backward
+            in_kernel -= unit.attention_flops * (1 + recomputed + 2 * in_backward)
         if not layer:
             continue
         index, module = int(layer[1]), layer[2]  # decoder/layers_{index}/<module>...
-        recomputed = remat and index in backward_layers
         if recomputed:
             recompute += unit.weight_flops + unit.attention_flops
         if module == "input_norm":  # the attention unit: scores over padded queries
-            in_backward = trains or below
             passes = 1 + recomputed + 2 * in_backward
             # A chunk's backward recomputes its probabilities (q k^T), not p v: half its FLOPs.
             chunk_recompute = 0.5 if chunked and in_backward else 0.0
@@ -280,4 +286,5 @@ def designed_overheads(
         "remat_recompute": recompute,
         "capacity_padding": padding,
         "attention_chunks": attention,
+        "attention_kernel": in_kernel,
     }

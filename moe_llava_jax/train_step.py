@@ -76,7 +76,8 @@ def compute_loss(
         batch["images"],
         deterministic=deterministic,
         head=False,
-        rngs={"gating": rng},
+        # The dropout stream is derived, so the gating noise is the same with or without it.
+        rngs={"gating": rng, "dropout": jax.random.fold_in(rng, 1)},
     )
     head = lambda h: model.apply({"params": params}, h, method=MoELLaVA.logits)
     ce_sum, num_tokens, over_budget = answer_loss.answer_cross_entropy(

@@ -61,9 +61,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if moe.groups not in GROUPINGS:
         raise ValueError(f"config key model.moe.groups={moe.groups!r}: expected one of {GROUPINGS}")
+    first = build.stage_names(config)[0] if build.stage_names(config) else None
+    if first and config.model.get("init_from_hf", ""):
+        build.check_release_start(config, first)
+    for key in ("init_from_hf", "projector_from"):
+        if first and config[first].init_from and (value := config.model.get(key, "")):
+            raise ValueError(
+                f"config key {first}.init_from={config[first].init_from!r}: the run's first "
+                f"stage starts from model.{key}={value!r}; set {first}.init_from=''"
+            )
     num_layers = config.model.decoder.num_layers
-    if config.model.llm_from:
-        num_layers = hf.read_hf_config(config.model.llm_from)["num_hidden_layers"]
+    if pretrained := config.model.get("init_from_hf", "") or config.model.llm_from:
+        num_layers = hf.read_hf_config(pretrained)["num_hidden_layers"]
     moe_layer_indices(moe.layers, num_layers)
     up = config.upcycle
     upcycling.check_upcycling(up.mode, up.noise_scale, up.drop_fraction)
@@ -352,10 +361,11 @@ def run(config: ml_collections.ConfigDict) -> dict:
             if name in routing_after:
                 analyse_routing(stage, params, source, tokenizer)
             if name in pope_after:
-                for split, metrics in run_pope(
+                splits = run_pope(
                     config, stage, params, tokenizer, data.root, data.eval_annotations_json
-                ).items():
-                    results[f"{name}/{split}"] = metrics
+                )
+                splits["mean"] = pope.split_means(splits)  # as the papers summarise POPE
+                results.update({f"{name}/{split}": m for split, m in splits.items()})
     if results and chief:
         table = pope.markdown_table(results)
         (workdir / "pope.md").write_text(table + "\n")

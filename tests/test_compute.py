@@ -332,6 +332,7 @@ def test_designed_overheads_match_the_hand_count(preset, remat, recompute, paddi
         "remat_recompute": recompute,
         "capacity_padding": padding,
         "attention_chunks": 0.0,
+        "attention_kernel": 0.0,
     }
 
 
@@ -352,6 +353,25 @@ def test_attention_chunks_pad_queries_and_recompute_scores(preset, scores_passes
         query_chunk=5,
     )
     assert overheads["attention_chunks"] == pytest.approx(scores_passes * ATTN_SCORES)
+
+
+@pytest.mark.parametrize(
+    "preset,decoder_passes",
+    [
+        ("stage3_paper", 2),  # below every trainable unit: forward + remat's recompute
+        ("stage1", 4),  # gradients pass through it: + 2x backward
+    ],
+)
+def test_attention_in_a_fused_kernel_leaves_the_counted_program(preset, decoder_passes):
+    """Splash / cuDNN run the scores as a custom call: every pass over them (the decoder's,
+    and the tower's forward, 3200) is out of the program's matmul count, and nothing is
+    chunked."""
+    overheads = flops.designed_overheads(
+        *counted_model(preset), batch=2, seq=12, remat=True, expert_slots_per_token=2.0,
+        query_chunk=5, attention_kernel=True,
+    )
+    assert overheads["attention_chunks"] == 0.0
+    assert overheads["attention_kernel"] == -(decoder_passes * ATTN_SCORES + 3200)
 
 
 def test_flops_refuse_a_mask_with_params_no_unit_owns():

@@ -446,10 +446,13 @@ def test_moe_llava_checkpoint_import_and_export(tmp_path, family, stage, capsys)
         ("llama", "sliding_window", 4096),
         ("stablelm", "qk_layernorm", True),
         ("llama", "rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+        ("llama", "attention_dropout", 0.1),  # only Phi's resid_pdrop is implemented
+        ("phi", "embd_pdrop", 0.1),
     ],
 )
-def test_unimplemented_attention_settings_are_refused_by_key(tmp_path, family, key, value):
-    """Loading would run full, unscaled attention where transformers does not: refused."""
+def test_unimplemented_settings_are_refused_by_key(tmp_path, family, key, value):
+    """Loading would run full, unscaled attention (or train without a dropout) where
+    transformers does not: refused."""
     write_checkpoint(*saved_tensors_and_config(DECODERS[family](), tmp_path / "saved", family), tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, key: value}))
@@ -470,3 +473,72 @@ def test_moe_llava_config_without_a_projector_kind_fails():
     assert families.moe_llava_config({**hf_config, "image_projector_type": "linear"})[1] == "linear"
     with pytest.raises(ValueError, match="names no projector kind.*image_projector_type"):
         families.moe_llava_config(hf_config)
+
+
+def test_phi_recipe_switches_residual_dropout_and_lm_head_bias(tmp_path, micro_config):
+    """Phi-2's resid_pdrop is read as the residual dropout (model.residual_dropout >= 0
+    replaces it); model.drop_lm_head_bias starts LLaVA-Phi's head without Phi-2's bias."""
+    from moe_llava_jax import build, sharding, trainer
+
+    phi = transformers.PhiForCausalLM(
+        transformers.PhiConfig(**dict(TEXT, vocab_size=512), resid_pdrop=0.1)
+    )
+    randomized(phi).save_pretrained(tmp_path / "phi")
+    micro_config.model.llm_from = str(tmp_path / "phi")
+    decoder = lambda: build.model_config(micro_config, 0, with_moe=False).decoder
+    assert decoder().residual_dropout == 0.1 and decoder().lm_head_bias
+    micro_config.model.update(residual_dropout=0.0, drop_lm_head_bias=True)
+    assert decoder().residual_dropout == 0.0 and not decoder().lm_head_bias
+    _, tokenizer = from_config.prepare_data(micro_config)
+    mesh = sharding.make_mesh(micro_config.mesh.to_dict())
+    stage = trainer.Stage(micro_config, "stage1", mesh, tokenizer.vocab_size)
+    params = stage.canonical(stage.fresh_params())["decoder"]
+    assert "bias" not in params["lm_head"]
+    np.testing.assert_array_equal(
+        params["lm_head"]["kernel"], phi.lm_head.weight.detach().numpy().T
+    )
+
+
+@pytest.mark.parametrize("naming", ["moe_llava", "moe_llava_qwen", "llava"])
+def test_stage2_starts_from_a_projector_only_stage1_release(tmp_path, micro_config, naming):
+    """A stage-1 release is `mm_projector.bin` alone (torch pickle; LLaVA's own naming lacks
+    `image_spatial_proj`); `model.projector_from` starts the first stage's projector from it."""
+    from moe_llava_jax import sharding, trainer
+
+    prefix = {
+        "moe_llava": "model.mm_projector.image_spatial_proj.",
+        "moe_llava_qwen": "transformer.mm_projector.image_spatial_proj.",
+        "llava": "model.mm_projector.",
+    }[naming]
+    vision, hidden = micro_config.model.vision.hidden_size, micro_config.model.decoder.hidden_size
+    rng = np.random.default_rng(0)
+    shapes = {0: (hidden, vision), 2: (hidden, hidden)}
+    tensors = {}
+    for j, shape in shapes.items():
+        tensors[f"{prefix}{j}.weight"] = rng.normal(size=shape).astype(np.float32)
+        tensors[f"{prefix}{j}.bias"] = rng.normal(size=shape[:1]).astype(np.float32)
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp_path / "mm_projector.bin")
+    micro_config.model.projector_from = str(tmp_path / "mm_projector.bin")
+    micro_config.run_stages = "stage2"
+    micro_config.stage2.init_from = ""
+    trainer.validate_config(micro_config)
+    _, tokenizer = from_config.prepare_data(micro_config)
+    mesh = sharding.make_mesh(micro_config.mesh.to_dict())
+    stage = trainer.Stage(micro_config, "stage2", mesh, tokenizer.vocab_size)
+    projector = stage.canonical(stage.fresh_params())["projector"]
+    for j, layer in ((0, "fc_0"), (2, "fc_1")):
+        np.testing.assert_array_equal(projector[layer]["kernel"], tensors[f"{prefix}{j}.weight"].T)
+        np.testing.assert_array_equal(projector[layer]["bias"], tensors[f"{prefix}{j}.bias"])
+
+
+def test_a_projector_file_of_another_kind_or_an_ignored_one_is_refused(tmp_path, micro_config):
+    from moe_llava_jax import trainer
+
+    tensors = {"model.mm_projector.0.weight": np.zeros((32, 32), np.float32)}
+    safetensors_io.write_file(tensors, tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match=r"p.safetensors \(model.projector_from.*missing"):
+        hf.load_projector(tmp_path / "p.safetensors", "mlp2x_gelu", 32, 32)
+    micro_config.model.projector_from = str(tmp_path / "p.safetensors")
+    micro_config.run_stages = "stage2"  # stage2.init_from=stage1: the file would go unused
+    with pytest.raises(ValueError, match="config key stage2.init_from='stage1'"):
+        trainer.validate_config(micro_config)

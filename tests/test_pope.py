@@ -235,3 +235,17 @@ def test_markdown_table():
         "| adversarial | 0.857 | 0.900 | 0.800 | 0.847 | 0.500 |",
         "| stage2/random | 0.857 | 0.900 | 0.800 | 0.847 | 0.500 |",
     ]
+
+
+def test_split_means_and_their_table_row():
+    """The papers' summary of POPE: accuracy and F1 averaged over the splits; the table shows
+    the row with its other columns empty."""
+    rows = {
+        "random": {"accuracy": 0.9, "precision": 0.8, "recall": 0.7, "f1": 0.6, "yes_ratio": 0.5},
+        "popular": {"accuracy": 0.8, "precision": 0.8, "recall": 0.7, "f1": 0.5, "yes_ratio": 0.5},
+        "adversarial": {"accuracy": 0.4, "precision": 0.8, "recall": 0.7, "f1": 0.1, "yes_ratio": 0.5},
+    }
+    means = pope.split_means(rows)
+    assert means == {"accuracy": pytest.approx(0.7), "f1": pytest.approx(0.4)}
+    table = pope.markdown_table({**rows, "stage3/mean": means}).splitlines()
+    assert table[-1] == "| stage3/mean | 0.700 | - | - | 0.400 | - |"

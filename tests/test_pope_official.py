@@ -148,7 +148,7 @@ def test_format_prints_the_table_counts_and_means(pope_files):
     text = pope_official.format_results(scored(*pope_files[:3]))
     assert "| random |" in text and "| adversarial |" in text
     assert "random: 12 questions, TP 3 FP 3 TN 4 FN 2" in text
-    assert "mean of 2 categories: accuracy" in text
+    assert "mean of 2 categories: accuracy" in text and "| mean | " in text
 
 
 def test_a_missing_answer_is_named(pope_files, tmp_path):

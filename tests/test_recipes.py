@@ -26,3 +26,20 @@ def test_every_recipe_validates_with_the_papers_batches_and_lengths(llm, tower):
 def test_an_unknown_recipe_is_refused_by_name():
     with pytest.raises(ValueError, match="llm='vicuna'"):
         moe_llava.get_config("llm=vicuna")
+
+
+@pytest.mark.parametrize("llm", sorted(moe_llava.LLMS))
+def test_the_phi_recipe_trains_as_llava_phi(llm):
+    """LLaVA-Phi: no lm_head bias from stage 1 on, Phi-2's resid_pdrop 0.1 in training; the
+    other LLMs as their checkpoints say."""
+    from moe_llava_jax import build
+
+    decoder = build.model_config(moe_llava.get_config(f"llm={llm}"), 0, False).decoder
+    assert not decoder.lm_head_bias
+    assert decoder.residual_dropout == (0.1 if llm == "phi" else 0.0)
+
+
+def test_a_release_argument_starts_the_first_run_stage_from_it(tmp_path):
+    config = moe_llava.get_config(f"llm=stablelm,release={tmp_path},run_stages=stage3")
+    assert config.model.init_from_hf == str(tmp_path) and config.stage3.init_from == ""
+    assert config.data.tokenizer == f"{tmp_path}/tokenizer.json"

@@ -70,11 +70,24 @@ def _reject(hf: Mapping, *keys: str) -> None:
             raise ValueError(f"config.json {key}={hf[key]!r} is not supported")
 
 
+# Dropout config keys of the families other than Phi's resid_pdrop (`residual_dropout`):
+# not implemented, so a non-zero one is refused (every supported release has them at 0).
+UNSUPPORTED_DROPOUT_KEYS = (
+    "attention_dropout",
+    "attn_pdrop",
+    "embd_pdrop",
+    "hidden_dropout",
+    "attn_dropout_prob",
+    "emb_dropout_prob",
+)
+
+
 def decoder_config(hf: Mapping) -> DecoderConfig:
     """Our DecoderConfig for a Hugging Face causal-LM config.json (dense, no MoE)."""
     model_type = hf.get("model_type")
     if model_type not in DECODER_TYPES:
         raise ValueError(f"config.json model_type={model_type!r}: expected one of {DECODER_TYPES}")
+    _reject(hf, *UNSUPPORTED_DROPOUT_KEYS)
     if model_type == "qwen":
         return _qwen_v1_config(hf)
     # Sliding-window attention is not implemented: full attention would differ past the window.
@@ -127,6 +140,7 @@ def decoder_config(hf: Mapping) -> DecoderConfig:
         out_bias=True,
         parallel_block=True,
         lm_head_bias=True,
+        residual_dropout=float(hf.get("resid_pdrop", 0.0)),
     )
 
 
@@ -336,6 +350,15 @@ MOE_LLAVA_TYPES = {
 }
 DENSE_LLAVA_TYPES = {"llava_phi": "phi", "llava_stablelm": "stablelm", "llava_qwen": "qwen"}
 RELEASE_TYPES = {**MOE_LLAVA_TYPES, **DENSE_LLAVA_TYPES}
+# The MoEConfig fields a release's `moe` dict sets (the rest, e.g. dispatch, are ours).
+RELEASE_MOE_FIELDS = (
+    "num_experts",
+    "top_k",
+    "capacity_factor",
+    "eval_capacity_factor",
+    "min_capacity",
+    "layers",
+)
 
 
 def moe_llava_config(hf: Mapping) -> tuple[DecoderConfig, str]:
@@ -420,6 +443,8 @@ def moe_llava_hf_config(
         hf.update(num_key_value_heads=decoder.num_kv_heads, rope_theta=decoder.rope_theta)
     if base == "stablelm":
         hf["use_qkv_bias"] = decoder.qkv_bias
+    if base == "phi":
+        hf["resid_pdrop"] = decoder.residual_dropout
     moe = decoder.moe
     if model_type in MOE_LLAVA_TYPES:
         if moe is None:
@@ -467,6 +492,24 @@ def moe_llava_rules(model_type: str, projector: str) -> list[Rule]:
                 f"{layout.moe}.experts.deepspeed_experts.{{k}}.{hf}",
             )
     root = layout.embed.split(".")[0]  # "model" or "transformer"
-    for j in range(projector_depth(projector)):  # nn.Sequential: Linear, GELU, Linear, ...
-        rules += _linear(f"projector/fc_{j}", f"{root}.mm_projector.image_spatial_proj.{2 * j}")
+    rules += projector_rules(projector, "projector/", f"{root}.mm_projector.image_spatial_proj.")
     return rules
+
+
+def projector_rules(projector: str, ours: str, theirs: str) -> list[Rule]:
+    """The projector's nn.Sequential (Linear, GELU, Linear, ...): our `{ours}fc_{j}` is
+    their `{theirs}{2 j}`."""
+    return [
+        rule
+        for j in range(projector_depth(projector))
+        for rule in _linear(f"{ours}fc_{j}", f"{theirs}{2 * j}")
+    ]
+
+
+# Where projector-only files (a stage-1 release's mm_projector.bin) keep the projector:
+# MoE-LLaVA (Qwen v1 under `transformer.`) and LLaVA (no `image_spatial_proj`).
+PROJECTOR_FILE_PREFIXES = tuple(
+    f"{root}.mm_projector.{inner}"
+    for root in ("model", "transformer")
+    for inner in ("image_spatial_proj.", "")
+)

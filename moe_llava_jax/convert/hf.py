@@ -21,7 +21,7 @@ import numpy as np
 from flax import linen as nn
 
 from moe_llava_jax import param_tree
-from moe_llava_jax.convert import families, name_rules, safetensors_io
+from moe_llava_jax.convert import families, name_rules, safetensors_io, torch_pickle
 from moe_llava_jax.models.decoder import Decoder, DecoderConfig
 from moe_llava_jax.models.projector import Projector
 from moe_llava_jax.models.vision import VisionConfig, VisionTower
@@ -90,14 +90,45 @@ def load_vision(
     return config, _as_tree(flat)
 
 
+def projector_shapes(projector: str, vision_hidden: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    features = jnp.zeros((1, 1, vision_hidden), jnp.float32)
+    init = lambda: Projector(projector, hidden).init(jax.random.key(0), features)
+    return _shapes(jax.eval_shape(init)["params"])
+
+
 def moe_llava_shapes(
     decoder: DecoderConfig, projector: str, vision_hidden: int
 ) -> dict[str, tuple[int, ...]]:
-    features = jnp.zeros((1, 1, vision_hidden), jnp.float32)
-    init = lambda: Projector(projector, decoder.hidden_size).init(jax.random.key(0), features)
     shapes = {f"decoder/{k}": v for k, v in decoder_shapes(decoder).items()}
-    shapes.update({f"projector/{k}": v for k, v in _shapes(jax.eval_shape(init)["params"]).items()})
+    projected = projector_shapes(projector, vision_hidden, decoder.hidden_size)
+    shapes.update({f"projector/{k}": v for k, v in projected.items()})
     return shapes
+
+
+def load_projector(path: str | Path, projector: str, vision_hidden: int, hidden: int) -> dict:
+    """A projector-only file -> our projector params: a stage-1 release's `mm_projector.bin`
+    (torch pickle; MoE-LLaVA's `model.mm_projector.image_spatial_proj.{0,2}.*`, Qwen v1's
+    `transformer.…`, or LLaVA's `model.mm_projector.{0,2}.*`) or the same names in a
+    `.safetensors` file; `projector` is its kind (the file does not say), from vision
+    features of `vision_hidden` to the LLM's `hidden`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no projector file (config key model.projector_from)")
+    read = safetensors_io.read_file if path.suffix == ".safetensors" else torch_pickle.read_file
+    rules = [
+        rule
+        for prefix in families.PROJECTOR_FILE_PREFIXES
+        for rule in families.projector_rules(projector, "", prefix)
+    ]
+    try:
+        flat = name_rules.import_tensors(
+            read(path), rules, projector_shapes(projector, vision_hidden, hidden)
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"{path} (model.projector_from, model.projector={projector!r}): {error}"
+        ) from error
+    return _as_tree(flat)
 
 
 def load_moe_llava(directory: str | Path) -> tuple[DecoderConfig, str, dict]:

@@ -18,6 +18,9 @@ import numpy as np
 IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200
 IMAGE_PLACEHOLDER = "<image>"
+# LLaVA-1.5's instruction for short-answer benchmarks (POPE, MME, GQA, ...), appended to
+# the question: its question files carry it, and the papers' numbers were measured with it.
+SHORT_ANSWER_INSTRUCTION = "\nAnswer the question using a single word or phrase."
 
 _SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -220,17 +220,28 @@ _TABLE_COLUMNS = (
 )
 
 
+# What the papers average over POPE's three splits (LLaVA-1.5's single number: mean F1).
+MEAN_METRICS = ("accuracy", "f1")
+
+
+def split_means(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The MEAN_METRICS averaged over the splits in `results` (split -> `score` metrics)."""
+    return {m: sum(r[m] for r in results.values()) / len(results) for m in MEAN_METRICS}
+
+
 def markdown_table(results: Mapping[str, Mapping[str, float]]) -> str:
-    """Renders per-split results as a markdown table.
+    """Renders per-split results as a markdown table; a metric a row lacks (a `split_means`
+    row has accuracy and F1 only) is shown as "-".
 
     The standard splits come first in canonical order (easy to hard); any other row
-    names (e.g. "stage2/random") follow in the order given.
+    names (e.g. "stage2/random", "mean") follow in the order given.
     """
     names = [s for s in SPLITS if s in results] + [n for n in results if n not in SPLITS]
     header = "| Split | " + " | ".join(title for title, _ in _TABLE_COLUMNS) + " |"
     rule = "|---" * (len(_TABLE_COLUMNS) + 1) + "|"
+    cell = lambda row, key: f"{row[key]:.3f}" if key in row else "-"
     rows = [
-        f"| {name} | " + " | ".join(f"{results[name][key]:.3f}" for _, key in _TABLE_COLUMNS) + " |"
+        f"| {name} | " + " | ".join(cell(results[name], key) for _, key in _TABLE_COLUMNS) + " |"
         for name in names
     ]
     return "\n".join([header, rule, *rows])

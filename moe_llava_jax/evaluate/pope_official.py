@@ -43,7 +43,6 @@ from moe_llava_jax.evaluate.benchmark_answers import (
 )
 
 LABEL_FILE_PREFIX, LABEL_FILE_SUFFIX = "coco_pope_", ".json"
-MEAN_METRICS = ("accuracy", "f1")
 
 
 def read_label_files(directory: str | os.PathLike) -> dict[str, dict[str, Record]]:
@@ -94,7 +93,7 @@ def score_official(
     answers: Sequence[Record],
 ) -> dict[str, dict]:
     """{category: pope.score metrics} for every category with label files, plus "mean":
-    the MEAN_METRICS averaged over those categories. Every labelled question of a scored
+    `pope.split_means` over those categories. Every labelled question of a scored
     category must be answered, once; every answer must be a question's."""
     by_id = index_records(questions, lambda q: q.qid)
     answered = index_records(answers, lambda a: a.qid)
@@ -114,15 +113,14 @@ def score_official(
     results = {c: pope.score(predictions[c], truths[c]) for c in labels if truths[c]}
     if not results:
         raise ValueError("no answered question belongs to a category with a label file")
-    results["mean"] = {
-        metric: sum(r[metric] for r in results.values()) / len(results) for metric in MEAN_METRICS
-    }
+    results["mean"] = pope.split_means(results)
     return results
 
 
 def format_results(results: Mapping[str, Mapping]) -> str:
     """The per-category table, the counts eval_pope.py prints, and the means."""
     splits = {c: r for c, r in results.items() if c != "mean"}
+    table = pope.markdown_table({**splits, "mean": results["mean"]})
     counts = "\n".join(
         f"{c}: {r['n']} questions, TP {r['tp']} FP {r['fp']} TN {r['tn']} FN {r['fn']}"
         for c, r in splits.items()
@@ -132,7 +130,7 @@ def format_results(results: Mapping[str, Mapping]) -> str:
         f"mean of {len(splits)} categories: accuracy {mean['accuracy']:.4f}, "
         f"F1 {mean['f1']:.4f}"
     )
-    return "\n".join([pope.markdown_table(splits), counts, means])
+    return "\n".join([table, counts, means])
 
 
 def main(argv: Sequence[str]) -> None:

@@ -11,18 +11,36 @@ How the scores are computed is `AttentionKernel` (`model.attention`, same math):
   `[b, q, keys]` array. Any backend, KV-cache decoding, left-padded batches.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel
   of cuDNN: GPU, bf16/fp16, causal or bidirectional without a padding mask (training).
-- "auto": cudnn where it applies (GPU, 16-bit compute, no padding mask, no cache), else xla.
-A TPU Pallas (splash) kernel is not built yet; on TPU, "xla" is what runs.
+- "splash": Pallas's splash (flash) attention kernel for TPU, under `shard_map` over the
+  batch (and heads) the context mesh splits them on: scores live in VMEM blocks, fully
+  masked blocks are skipped; no padding mask, no cache (training). The sequence is padded
+  to whole blocks, the padded keys masked by segment ids. Off TPU it runs interpreted (the
+  CPU tests).
+- "auto": cudnn on GPU with 16-bit compute where it applies (no padding mask, no cache),
+  else xla. Not splash on TPU: compiled for a v5p-8 at the StableLM recipe (README, "At
+  real size") it needed 1.3 GB more temporaries per chip than the chunked xla path, and
+  its speed there is not measured (no TPU here).
+The platform is the mesh's devices' (`platform`, set by `build.StageModel`: an AOT compile
+for TPU on a CPU host picks TPU's kernels), else the default backend's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from einops import rearrange
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as splash_kernel,
+)
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask as splash_mask,
+)
+from jax.sharding import PartitionSpec
 
 from moe_llava_jax.models import layers
 
@@ -49,7 +67,8 @@ def apply_rotary(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: flo
     return jnp.concatenate([rot, rest], axis=-1)
 
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+FUSED = {"cudnn": "gpu", "splash": "tpu"}  # fused kernel -> the platform it is built for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +77,7 @@ class AttentionKernel:
 
     implementation: str = "auto"  # an IMPLEMENTATIONS name
     query_chunk: int = 256  # xla: queries per chunk (0: all at once)
+    platform: str = ""  # where the program runs ("": the default backend)
 
     def __post_init__(self):
         if self.implementation not in IMPLEMENTATIONS:
@@ -68,17 +88,32 @@ class AttentionKernel:
         if self.query_chunk < 0:
             raise ValueError(f"config key model.attention_chunk={self.query_chunk} must be >= 0")
 
-    def uses_cudnn(self, dtype: jnp.dtype, padded: bool, decode: bool) -> bool:
-        """Whether this call runs cuDNN's kernel (it takes no padding mask and no cache)."""
+    @property
+    def resolved_platform(self) -> str:
+        return self.platform or jax.default_backend()
+
+    def choose(self, dtype: jnp.dtype, padded: bool, decode: bool) -> str:
+        """The kernel this call runs: "xla", "cudnn" or "splash" (the fused kernels take no
+        padding mask and no cache)."""
         applies = not (padded or decode)
-        if self.implementation == "cudnn" and not applies:
-            raise ValueError(
-                "config key model.attention='cudnn' takes no padding mask and no KV cache "
-                "(training only); use 'auto' to fall back to 'xla' there"
-            )
-        if self.implementation != "auto":
-            return self.implementation == "cudnn"
-        return applies and jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
+        name = self.implementation
+        if name in FUSED:
+            if not applies:
+                raise ValueError(
+                    f"config key model.attention={name!r} takes no padding mask and no KV "
+                    "cache (training only); use 'auto' to fall back to 'xla' there"
+                )
+            if name == "splash" and self.resolved_platform == "gpu":
+                raise ValueError(
+                    "config key model.attention='splash' is TPU's kernel (interpreted on CPU "
+                    "for tests); on GPU use 'cudnn' or 'auto'"
+                )
+            return name
+        if name == "xla" or not applies:
+            return "xla"
+        if self.resolved_platform == "gpu" and jnp.dtype(dtype).itemsize == 2:
+            return "cudnn"
+        return "xla"
 
 
 def xla_attention(
@@ -133,6 +168,67 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool,
         implementation=implementation,
     )
     return rearrange(out, "b q (k g) d -> b k g q d", k=kv)
+
+
+SPLASH_BLOCKS = (512, 256, 128)  # block sizes tried, largest dividing the padded length
+
+
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, interpret: bool
+) -> jax.Array:
+    """q [b, kv, g, n, d], k / v [b, kv, n, d] -> out [b, kv, g, n, d] by Pallas's splash
+    kernel (its MQA form per kv head: g query heads over one k, v), one example and kv head
+    per kernel call (vmapped), each device on its own share of the batch and heads
+    (`shard_map` over the axes the context mesh splits them on)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    batch_axes = _dividing_axes(mesh, "batch", q.shape[0])
+    head_axes = _dividing_axes(mesh, "heads", q.shape[1])
+    run = functools.partial(_splash_local, causal=causal, interpret=interpret)
+    if not (batch_axes or head_axes):
+        return run(q, k, v)
+    spec = PartitionSpec(batch_axes or None, head_axes or None)
+    return jax.shard_map(run, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+        q, k, v
+    )
+
+
+def _dividing_axes(mesh: jax.sharding.AbstractMesh, logical: str, size: int) -> tuple[str, ...]:
+    """The mesh axes the rules in context put `logical` on, if they split `size` evenly
+    (else none: e.g. init's one-example batch on a 4-device mesh stays whole)."""
+    if mesh.empty:
+        return ()
+    axes = layers.mesh_axes_in_context(logical, mesh)
+    return axes if size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, interpret: bool):
+    """`splash_attention` on this device's arrays: the sequence padded to whole 128-blocks;
+    padded keys get segment 1 (never attended), every query segment 0, so a padded query row
+    still attends to real keys and stays finite (it is cut off after)."""
+    b, kv, g, n, d = q.shape
+    length = -(-n // 128) * 128
+    block = next(size for size in SPLASH_BLOCKS if length % size == 0)
+    pad = ((0, 0),) * 2 + ((0, length - n), (0, 0))
+    q = jnp.pad(q * jnp.asarray(1.0 / d**0.5, q.dtype), ((0, 0),) + pad)  # splash: no scale
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    head_mask = splash_mask.CausalMask((length, length)) if causal else splash_mask.FullMask(
+        (length, length)
+    )
+    kernel = splash_kernel.make_splash_mqa_single_device(
+        splash_mask.MultiHeadMask([head_mask] * g),
+        block_sizes=splash_kernel.BlockSizes(
+            block_q=block, block_kv=block, block_kv_compute=block,
+            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+            block_q_dq=block, block_kv_dq=block,
+        ),
+        interpret=interpret,
+    )
+    segments = splash_kernel.SegmentIds(
+        q=jnp.zeros((length,), jnp.int32), kv=(jnp.arange(length) >= n).astype(jnp.int32)
+    )
+    per_head = lambda q, k, v: kernel(q, k, v, segment_ids=segments)  # [g, T, d], [T, d]
+    out = jax.vmap(jax.vmap(per_head))(q, k, v)  # over b, then kv heads
+    return out[:, :, :, :n]
 
 
 class Attention(nn.Module):
@@ -194,8 +290,13 @@ class Attention(nn.Module):
         if decode:
             k, v, valid, query_slots = self._append_to_cache(k, v, valid)
             key_slots = jnp.arange(k.shape[2])
-        if self.kernel.uses_cudnn(self.dtype, padded, decode):
+        kernel = self.kernel.choose(self.dtype, padded, decode)
+        if kernel == "cudnn":
             out = cudnn_attention(q, k, v, self.causal)
+        elif kernel == "splash":
+            out = splash_attention(
+                q, k, v, self.causal, interpret=self.kernel.resolved_platform != "tpu"
+            )
         else:
             out = xla_attention(
                 q, k, v, query_slots, key_slots, valid, self.causal, self.kernel.query_chunk

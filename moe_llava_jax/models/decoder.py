@@ -63,6 +63,9 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     lm_head_bias: bool = False
+    # Dropout on the attention and FFN/MoE outputs before they join the residual stream, in
+    # training only (the "dropout" rng stream): Phi-2's resid_pdrop, 0.1 in LLaVA-Phi.
+    residual_dropout: float = 0.0
     moe: MoEConfig | None = None  # None: a dense model (stages 1-2)
 
     @property
@@ -109,6 +112,8 @@ class DecoderBlock(nn.Module):
             kernel=self.attention,
             name="attn",
         )(h, positions, valid, decode)
+        dropout = nn.Dropout(cfg.residual_dropout, deterministic=deterministic)
+        attn = dropout(attn)
         if not cfg.parallel_block:
             x = x + attn
             h = layers.norm(cfg.norm, cfg.norm_eps, name="post_attn_norm", dtype=self.dtype)(x)
@@ -120,6 +125,7 @@ class DecoderBlock(nn.Module):
             ffn, stats = MoELayer(cfg.moe, ffn_cfg, self.dtype, name="moe")(h, deterministic)
         else:
             ffn = MLP(ffn_cfg, self.dtype, name="mlp")(h)
+        ffn = dropout(ffn)
         x = x + attn + ffn if cfg.parallel_block else x + ffn
         return layers.batch_sharded(x), stats
 

@@ -41,6 +41,7 @@ class LVLMConfig:
     scan_layers: bool = True  # repeating blocks under `nn.scan` (`models/scan.py`)
     attention: str = "auto"  # an attention.IMPLEMENTATIONS name (`models/attention.py`)
     attention_chunk: int = 256  # xla attention: queries per chunk (0: all at once)
+    platform: str = ""  # where it runs, for `auto` kernels ("": the default backend)
 
 
 def layer_plans(config: LVLMConfig) -> scan.Plans:
@@ -75,7 +76,7 @@ class MoELLaVA(nn.Module):
             )
         dtype = jnp.dtype(self.config.dtype)
         cfg = self.config
-        kernel = AttentionKernel(cfg.attention, cfg.attention_chunk)
+        kernel = AttentionKernel(cfg.attention, cfg.attention_chunk, cfg.platform)
         self.vision = VisionTower(cfg.vision, dtype, scan_layers=cfg.scan_layers, attention=kernel)
         self.projector = Projector(cfg.projector, cfg.decoder.hidden_size, dtype)
         self.decoder = Decoder(

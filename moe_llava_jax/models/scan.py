@@ -108,12 +108,12 @@ def plan_uniform(num_blocks: int) -> Plan:
 
 def scan_unit(unit: type[nn.Module], repeats: int, num_broadcast_args: int) -> type[nn.Module]:
     """`unit` (carry, *broadcast args) -> (carry, per-repeat outputs) scanned `repeats` times:
-    params, KV cache and sown values stacked on axis 0, fresh init and gating noise per
-    repeat, the broadcast args (positions, masks) shared."""
+    params, KV cache and sown values stacked on axis 0, fresh init, gating noise and dropout
+    masks per repeat, the broadcast args (positions, masks) shared."""
     return nn.scan(
         unit,
         variable_axes={name: 0 for name in PER_LAYER_COLLECTIONS},
-        split_rngs={"params": True, "gating": True},
+        split_rngs={"params": True, "gating": True, "dropout": True},
         in_axes=(nn.broadcast,) * num_broadcast_args,
         length=repeats,
         metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
