@@ -68,10 +68,10 @@ def tiny_model() -> ml_collections.ConfigDict:
             # time and program size flat in depth, params stacked on a `layers` axis in the
             # train state and checkpoints (same math; models/scan.py). False: a Python loop.
             "scan_layers": True,
-            # How attention is computed (same math; models/attention.py): auto (in training:
-            # cuDNN's fused kernel on GPU in 16-bit, Pallas's splash kernel on TPU; else
-            # xla) | xla | cudnn | splash; the xla path takes attention_chunk queries at a
-            # time (0: all), so no [b, h, T, T] scores.
+            # How attention is computed (same math; models/attention.py): auto (cuDNN's
+            # fused kernel on GPU in 16-bit training, else xla) | xla | cudnn | splash
+            # (Pallas's TPU kernel; README, "At real size"); the xla path takes
+            # attention_chunk queries at a time (0: all), so no [b, h, T, T] scores.
             "attention": "auto",
             "attention_chunk": 256,
             # The model sections are the dataclasses' fields (one source of defaults: see

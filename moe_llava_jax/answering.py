@@ -156,18 +156,17 @@ class Predictor:
         self.mesh = mesh or local_mesh()
         if isinstance(source, ml_collections.ConfigDict):
             config, name = source, release_stage(source)
+            load = lambda stage: stage.fresh_params()
         else:
             meta = checkpoint.restore_meta(source)
             config = ml_collections.ConfigDict(json.loads(meta["config"]))
             name = meta["stage"]
+            load = lambda stage: stage.restore_params(source)[0]
         self.config = config
         self.tokenizer = from_config.load_tokenizer(config)
         self.stage = StageModel(config, name, self.mesh, self.tokenizer.vocab_size)
-        if isinstance(source, ml_collections.ConfigDict):
-            with sharding.mesh_context(self.mesh, self.stage.rules):
-                self.params = self.stage.fresh_params()
-        else:
-            self.params, _ = self.stage.restore_params(source)
+        with sharding.mesh_context(self.mesh, self.stage.rules):
+            self.params = load(self.stage)
         self.answerer = Answerer(
             functools.partial(CachedDecoder(self.stage.model_cfg), self.params),
             self.tokenizer,

@@ -44,7 +44,6 @@ from jax.sharding import AxisType, Mesh
 from ml_collections import config_flags
 
 from moe_llava_jax import checkpoint, cli, flops, hlo_stats, sharding, trainer
-from moe_llava_jax.models.attention import AttentionKernel
 from moe_llava_jax.models.moe import expert_capacity, routing_groups
 
 GiB = 2**30
@@ -158,8 +157,7 @@ def training_attention(stage: trainer.Stage) -> str:
     """The attention kernel the stage's train step runs on its mesh's platform (xla, cudnn,
     splash: `AttentionKernel.choose` for training's unpadded, uncached attention)."""
     cfg = stage.model_cfg
-    kernel = AttentionKernel(cfg.attention, cfg.attention_chunk, cfg.platform)
-    return kernel.choose(cfg.dtype, padded=False, decode=False)
+    return cfg.attention_kernel.choose(cfg.dtype, padded=False, decode=False)
 
 
 def train_step_report(stage: trainer.Stage, hbm_bytes: int | None) -> dict:

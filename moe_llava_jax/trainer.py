@@ -61,7 +61,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if moe.groups not in GROUPINGS:
         raise ValueError(f"config key model.moe.groups={moe.groups!r}: expected one of {GROUPINGS}")
-    first = build.stage_names(config)[0] if build.stage_names(config) else None
+    first = next(iter(build.stage_names(config)), None)
     if first and config.model.get("init_from_hf", ""):
         build.check_release_start(config, first)
     for key in ("init_from_hf", "projector_from"):

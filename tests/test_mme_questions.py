@@ -376,7 +376,7 @@ def test_cli_bad_line_exits_naming_file_and_line(tmp_path):
     root, txt = _count_root(tmp_path, [GOOD, "Is there a cat? Please answer yes or no.\tperhaps"])
     out = tmp_path / "q.jsonl"
     result = _cli(f"--mme_root={root}", f"--out={out}", "--tasks=count")
-    assert result.returncode == 1
+    assert result.returncode == 2  # cli.run: one-line error, exit status 2
     assert f"error: {txt}: line 2: answer 'perhaps' is not Yes or No" in result.stderr
     assert not out.exists()
 

@@ -38,13 +38,13 @@ skipped but blank lines.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from absl import app, flags
 
+from moe_llava_jax import cli
 from moe_llava_jax.data.conversation import SHORT_ANSWER_INSTRUCTION
 from moe_llava_jax.data.jsonl import write_jsonl
 from moe_llava_jax.evaluate.benchmark_answers import MME_COGNITION, MME_PERCEPTION
@@ -155,8 +155,6 @@ def prompt_text(question: str, style: str, where: str) -> str:
     without it could not be LLaVA's, and a guessed prompt would not compare."""
     if style == "mme":
         return question
-    if style != "llava":
-        raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
     if not question.endswith(MME_INSTRUCTION):
         raise ValueError(
             f"{where}: question does not end with {MME_INSTRUCTION!r}, so it has no LLaVA "
@@ -255,12 +253,7 @@ def report(conversion: Conversion, out: str | Path) -> str:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    try:
-        conversion = convert(
-            flags.FLAGS.mme_root, flags.FLAGS.tasks or None, flags.FLAGS.prompt_style
-        )
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    conversion = convert(flags.FLAGS.mme_root, flags.FLAGS.tasks or None, flags.FLAGS.prompt_style)
     write_jsonl(flags.FLAGS.out, conversion.records)
     print(report(conversion, flags.FLAGS.out))
 
@@ -281,4 +274,4 @@ def define_flags() -> None:
 if __name__ == "__main__":
     define_flags()
     flags.mark_flags_as_required(["mme_root", "out"])
-    app.run(main)
+    cli.run(main)

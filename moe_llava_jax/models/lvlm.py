@@ -43,6 +43,10 @@ class LVLMConfig:
     attention_chunk: int = 256  # xla attention: queries per chunk (0: all at once)
     platform: str = ""  # where it runs, for `auto` kernels ("": the default backend)
 
+    @property
+    def attention_kernel(self) -> AttentionKernel:
+        return AttentionKernel(self.attention, self.attention_chunk, self.platform)
+
 
 def layer_plans(config: LVLMConfig) -> scan.Plans:
     """The scan plans of the model's two stacks, for `scan.stack_layers` / `unstack_layers`
@@ -76,7 +80,7 @@ class MoELLaVA(nn.Module):
             )
         dtype = jnp.dtype(self.config.dtype)
         cfg = self.config
-        kernel = AttentionKernel(cfg.attention, cfg.attention_chunk, cfg.platform)
+        kernel = cfg.attention_kernel
         self.vision = VisionTower(cfg.vision, dtype, scan_layers=cfg.scan_layers, attention=kernel)
         self.projector = Projector(cfg.projector, cfg.decoder.hidden_size, dtype)
         self.decoder = Decoder(
