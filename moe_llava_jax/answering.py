@@ -6,7 +6,8 @@ optimizer, no train step) on a mesh of the devices at hand, whatever mesh it tra
 
 A question becomes the template's single-turn prompt (`<image>\\n` + question when there is an
 image), encoded exactly as in training; batches have a fixed size (the last one is padded
-with copies of its last question) so decoding compiles once; each answer stops at EOS or at
+with copies of its last question) so decoding compiles once per prompt-length bucket
+(`generate.prompt_bucket`); each answer stops at EOS or at
 the template's stop strings and is cut before the first stop string it contains.
 """
 

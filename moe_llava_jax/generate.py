@@ -3,7 +3,11 @@ by full recomputation (`greedy_generate`, the reference the cached decoder is te
 
 Cached: prompts are left-padded (positions restart at 0 on each row's first real token, pads
 are masked as keys), the prompt is prefilled in one call, then one token per step; every call
-is jitted with static shapes, so a batch compiles twice (prefill + step) and no more.
+is jitted with static shapes. The prompt length is rounded up to a bucket (`prompt_bucket`:
+`buckets_per_octave` lengths per doubling, so at most 1/4 of a prefill is extra padding by
+default) and the cache is that bucket + `max_new_tokens` long, so a benchmark whose prompts
+take 50 distinct lengths compiles a prefill and a step per bucket (2-3 buckets for prompts
+within +-20% of each other), not per length.
 The next token is the argmax (temperature 0) or a temperature / top-p (nucleus) sample drawn
 from a seeded key, so a sampled answer is reproducible. A row stops at EOS or when a
 host-side `stop` predicate (template stop strings, `answering.stop_at_strings`) says so.
@@ -114,9 +118,23 @@ def greedy_generate(
     ]
 
 
-def left_pad(prompts: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, ...]:
-    """ids [b, P] (pads first), valid [b, P], positions [b, P] (0 at each first real token)."""
-    length = max(len(p) for p in prompts)
+def prompt_bucket(length: int, buckets_per_octave: int = 4, minimum: int = 32) -> int:
+    """The padded prompt length decoding compiles for: `length` rounded up to the next of
+    `buckets_per_octave` evenly spaced lengths between two powers of two (multiples of 8,
+    at least `minimum`); e.g. 4 per octave: 512, 640, 768, 896, 1024, 1280, ..."""
+    if length <= minimum:
+        return minimum
+    octave = 1 << (length.bit_length() - 1)  # the power of two <= length
+    step = max(octave // buckets_per_octave, 8)
+    return -(-length // step) * step
+
+
+def left_pad(
+    prompts: Sequence[np.ndarray], pad_id: int, length: int = 0
+) -> tuple[np.ndarray, ...]:
+    """ids [b, P] (pads first), valid [b, P], positions [b, P] (0 at each first real token);
+    P = `length`, or the longest prompt's when 0."""
+    length = length or max(len(p) for p in prompts)
     ids = np.full((len(prompts), length), pad_id, np.int32)
     valid = np.zeros((len(prompts), length), bool)
     for row, prompt in enumerate(prompts):
@@ -160,8 +178,9 @@ class CachedDecoder:
     with the same batch shape and sampling). MoE layers route with the eval capacity factor
     and no gating noise."""
 
-    def __init__(self, config: LVLMConfig):
+    def __init__(self, config: LVLMConfig, buckets_per_octave: int = 4):
         self.model = MoELLaVA(config)
+        self.buckets_per_octave = buckets_per_octave
 
     @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
     def _empty_cache(self, batch: int, max_len: int, image_shape: tuple[int, ...]) -> dict:
@@ -198,7 +217,10 @@ class CachedDecoder:
         sampling: Sampling = GREEDY,
     ) -> list[list[int]]:
         """Continuation ids of each prompt, cut at EOS (excluded) or where `stop` fired."""
-        ids, valid, positions = left_pad(prompts, pad_id)
+        longest = max(len(p) for p in prompts)
+        ids, valid, positions = left_pad(
+            prompts, pad_id, prompt_bucket(longest, self.buckets_per_octave)
+        )
         batch = len(prompts)
         key = jax.random.key(sampling.seed)
         cache = self._empty_cache(batch, ids.shape[1] + max_new_tokens, tuple(images.shape[1:]))

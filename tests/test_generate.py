@@ -76,6 +76,31 @@ def test_cached_decoding_equals_full_recompute_for_ragged_prompts(tiny_lvlm):
     assert any(len(tokens) > 3 for tokens in reference)  # the comparison covers real decoding
 
 
+def test_prompt_buckets_bound_the_programs_a_benchmark_compiles(tiny_lvlm):
+    """50 distinct prompt lengths (100..149 tokens) decode with 3 prefill programs (buckets
+    112, 128, 160), not 50. (That the extra left pads change no answer is
+    `test_cached_decoding_equals_full_recompute_for_ragged_prompts`: its prompts are padded
+    to bucket 32.)"""
+    from moe_llava_jax.generate import CachedDecoder, prompt_bucket
+
+    assert [prompt_bucket(n) for n in (1, 32, 33, 100, 112, 113, 128, 129, 640, 641)] == [
+        32, 32, 40, 112, 112, 128, 128, 160, 640, 768
+    ]
+    assert prompt_bucket(129, buckets_per_octave=8) == 144
+    config, params, _, images = tiny_lvlm
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 40, n) for n in range(100, 150)]
+    decoder = CachedDecoder(config)
+    programs = CachedDecoder._forward._cache_size()
+    for start in range(0, len(prompts), 5):  # batches of 5, as an Answerer's fixed batch size
+        decoder(
+            params, prompts[start : start + 5], np.zeros((5, *images.shape[1:]), np.float32),
+            max_new_tokens=2, eos_id=7, pad_id=0,
+        )
+    # One prefill and one step program per bucket.
+    assert CachedDecoder._forward._cache_size() - programs == 2 * 3
+
+
 def test_next_token_greedy_and_top_p_support_and_frequencies():
     import jax
 

@@ -36,22 +36,31 @@ def expert_params(config: FFNConfig, experts: int, key: jax.Array) -> dict:
 )
 @pytest.mark.parametrize("pieces", [2, 3])
 def test_pieced_backward_equals_the_plain_ffn(gated, use_bias, activation, pieces):
-    config = FFNConfig(8, 12, activation, gated=gated, use_bias=use_bias)
-    params = expert_params(config, experts=3, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (3, 10, 8))  # [E, rows, d]
-    probe = jax.random.normal(jax.random.key(2), x.shape)  # a loss that weights every output
+    # In float64: the pieces sum the hidden units in another order, which in float32 moves
+    # some gradients by ~1e-5 depending on the CPU's kernels; float64 keeps that at ~1e-14,
+    # so the comparison can be tight everywhere.
+    with jax.enable_x64(True):
+        config = FFNConfig(8, 12, activation, gated=gated, use_bias=use_bias)
+        params = jax.tree.map(
+            lambda p: p.astype(jnp.float64), expert_params(config, experts=3, key=jax.random.key(0))
+        )
+        x = jax.random.normal(jax.random.key(1), (3, 10, 8), jnp.float64)  # [E, rows, d]
+        probe = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)  # weights every output
 
-    def loss(pieces):
-        return lambda x, p: jnp.sum(probe * jnp.tanh(pieced_ffn(x, p, config, stacked_project, pieces)))
+        def loss(pieces):
+            return lambda x, p: jnp.sum(
+                probe * jnp.tanh(pieced_ffn(x, p, config, stacked_project, pieces))
+            )
 
-    expected = jax.value_and_grad(loss(1), argnums=(0, 1))(x, params)
-    actual = jax.jit(jax.value_and_grad(loss(pieces), argnums=(0, 1)))(x, params)
+        expected = jax.value_and_grad(loss(1), argnums=(0, 1))(x, params)
+        actual = jax.jit(jax.value_and_grad(loss(pieces), argnums=(0, 1)))(x, params)
     for got, want in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
     # The bias of the out-projection is counted once, not once per piece.
     if use_bias:
         np.testing.assert_allclose(
-            actual[1][1]["wo"]["bias"], expected[1][1]["wo"]["bias"], rtol=1e-5, atol=1e-5
+            actual[1][1]["wo"]["bias"], expected[1][1]["wo"]["bias"], rtol=1e-11, atol=1e-11
         )
 
 
