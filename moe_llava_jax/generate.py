@@ -4,10 +4,10 @@ by full recomputation (`greedy_generate`, the reference the cached decoder is te
 Cached: prompts are left-padded (positions restart at 0 on each row's first real token, pads
 are masked as keys), the prompt is prefilled in one call, then one token per step; every call
 is jitted with static shapes. The prompt length is rounded up to a bucket (`prompt_bucket`:
-`buckets_per_octave` lengths per doubling, so at most 1/4 of a prefill is extra padding by
-default) and the cache is that bucket + `max_new_tokens` long, so a benchmark whose prompts
-take 50 distinct lengths compiles a prefill and a step per bucket (2-3 buckets for prompts
-within +-20% of each other), not per length.
+`buckets_per_octave` lengths per doubling: by default, past 32 tokens, under 1/4 of a prefill
+is extra padding) and the cache is that bucket + `max_new_tokens` long, so a benchmark
+compiles a prefill and a step per bucket, not per distinct longest-prompt length (prompts of
+100 to 149 tokens: 3 buckets).
 The next token is the argmax (temperature 0) or a temperature / top-p (nucleus) sample drawn
 from a seeded key, so a sampled answer is reproducible. A row stops at EOS or when a
 host-side `stop` predicate (template stop strings, `answering.stop_at_strings`) says so.
@@ -130,11 +130,10 @@ def prompt_bucket(length: int, buckets_per_octave: int = 4, minimum: int = 32) -
 
 
 def left_pad(
-    prompts: Sequence[np.ndarray], pad_id: int, length: int = 0
+    prompts: Sequence[np.ndarray], pad_id: int, length: int
 ) -> tuple[np.ndarray, ...]:
-    """ids [b, P] (pads first), valid [b, P], positions [b, P] (0 at each first real token);
-    P = `length`, or the longest prompt's when 0."""
-    length = length or max(len(p) for p in prompts)
+    """ids [b, P = length] (pads first), valid [b, P], positions [b, P] (0 at each first real
+    token); `length` >= the longest prompt."""
     ids = np.full((len(prompts), length), pad_id, np.int32)
     valid = np.zeros((len(prompts), length), bool)
     for row, prompt in enumerate(prompts):
