@@ -212,6 +212,16 @@ def moe_tuning_config(
         # source's records bad fails the run at once, showing the first ones.
         "max_bad_fraction": 0.01,
         "workers": 0,  # grain worker processes building examples (0: threads of this process)
+        # Rows: "none" (an example each, right-padded to the stage's max_length), "bucket"
+        # (an example each, every batch padded to the shortest of `buckets` evenly spaced
+        # lengths that holds it, grouped over bucket_window batches; one process) or
+        # "first_fit" (examples packed into rows; data/pipeline.py): packing_bins rows filled
+        # at a time, image_slots images per row.
+        "packing": "none",
+        "packing_bins": 64,
+        "image_slots": 4,
+        "buckets": 4,
+        "bucket_window": 16,
         "synthetic": {
             "seed": 0,
             "num_train": 4000,

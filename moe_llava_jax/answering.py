@@ -35,7 +35,7 @@ from moe_llava_jax.data.conversation import (
     tokenize_prompt,
 )
 from moe_llava_jax.data.jsonl import iter_jsonl, write_jsonl
-from moe_llava_jax.data.pipeline import Preprocessing, load_model_image
+from moe_llava_jax.data.pipeline import Preprocessing, load_model_images, row_image
 from moe_llava_jax.data.tokenizer import Tokenizer
 from moe_llava_jax.generate import GREEDY, CachedDecoder, GenerateFn, Sampling, StopFn
 
@@ -88,7 +88,7 @@ class Answerer:
         images = list(images) + [images[-1]] * padding
         outputs = self.generate(
             [self._prompt(q, image) for q, image in zip(questions, images)],
-            np.stack([load_model_image(image, self.prep) for image in images]),
+            np.stack([row_image(load_model_images(image, self.prep)) for image in images]),
             max_new_tokens=self.max_new_tokens,
             eos_id=self.tokenizer.eos_id,
             pad_id=self.tokenizer.pad_id,

@@ -36,7 +36,6 @@ import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
@@ -118,15 +117,9 @@ def topology_mesh(config: ml_collections.ConfigDict, devices: Sequence) -> Mesh:
 def abstract_train_inputs(stage: trainer.Stage) -> tuple[dict, dict]:
     """(state, batch) of `stage`'s step as ShapeDtypeStructs carrying the step's shardings."""
     state = checkpoint.abstract_like(stage.abstract_state, stage.state_shardings)
-    cfg, vision = stage.stage_cfg, stage.model_cfg.vision
-    shapes = {
-        "input_ids": ((cfg.batch_size, cfg.max_length), jnp.int32),
-        "labels": ((cfg.batch_size, cfg.max_length), jnp.int32),
-        "images": ((cfg.batch_size, vision.image_size, vision.image_size, 3), jnp.float32),
-    }
     batch = {
         k: jax.ShapeDtypeStruct(shape, dtype, sharding=stage.batch_sharding)
-        for k, (shape, dtype) in shapes.items()
+        for k, (shape, dtype) in stage.batch_shapes().items()
     }
     return state, batch
 
@@ -155,9 +148,10 @@ def expert_slots_per_token(stage: trainer.Stage) -> float:
 
 def training_attention(stage: trainer.Stage) -> str:
     """The attention kernel the stage's train step runs on its mesh's platform (xla, cudnn,
-    splash: `AttentionKernel.choose` for training's unpadded, uncached attention)."""
+    splash: `AttentionKernel.choose` for training's uncached attention, with segment ids
+    when the stage's rows are packed)."""
     cfg = stage.model_cfg
-    return cfg.attention_kernel.choose(cfg.dtype, padded=False, decode=False)
+    return cfg.attention_kernel.choose(cfg.dtype, stage.packing.mode != "none", decode=False)
 
 
 def train_step_report(stage: trainer.Stage, hbm_bytes: int | None) -> dict:

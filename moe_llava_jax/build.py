@@ -18,7 +18,7 @@ from moe_llava_jax import checkpoint, sharding, upcycling
 from moe_llava_jax.convert import families, hf
 from moe_llava_jax.data import images as image_ops
 from moe_llava_jax.data.conversation import get_template
-from moe_llava_jax.data.pipeline import Preprocessing, SkipLog, training_dataset
+from moe_llava_jax.data.pipeline import Packing, Preprocessing, SkipLog, training_dataset
 from moe_llava_jax.data.sources import RecordSource
 from moe_llava_jax.data.tokenizer import Tokenizer
 from moe_llava_jax.models import scan
@@ -97,6 +97,14 @@ def recipe_overrides(model: ml_collections.ConfigDict, decoder: DecoderConfig) -
     if (rate := model.get("residual_dropout", -1.0)) >= 0:
         decoder = dataclasses.replace(decoder, residual_dropout=rate)
     return decoder
+
+
+def packing(config: ml_collections.ConfigDict) -> Packing:
+    """`data.packing` and its keys (checked)."""
+    data = config.data
+    return Packing(
+        data.packing, data.packing_bins, data.image_slots, data.buckets, data.bucket_window
+    )
 
 
 def check_release_start(config: ml_collections.ConfigDict, stage: str) -> None:
@@ -207,7 +215,27 @@ class StageModel:
             global_batch_size=self.stage_cfg.batch_size,
             seed=self.config.seed,
             workers=self.config.data.workers,
+            packing=self.packing,
         )
+
+    @property
+    def packing(self) -> Packing:
+        return packing(self.config)
+
+    def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
+        """(shape, dtype) of each array of a global batch, as `dataset` makes them (bucket
+        mode: its longest, max_length)."""
+        b, t = self.stage_cfg.batch_size, self.stage_cfg.max_length
+        image = (self.model_cfg.vision.image_size,) * 2 + (3,)
+        shapes = {"input_ids": ((b, t), jnp.int32), "labels": ((b, t), jnp.int32)}
+        if self.packing.mode != "first_fit":
+            return {**shapes, "images": ((b, *image), jnp.float32)}
+        return {
+            **shapes,
+            "images": ((b, self.packing.image_slots, *image), jnp.float32),
+            "segments": ((b, t), jnp.int32),
+            "positions": ((b, t), jnp.int32),
+        }
 
     def init_variables(self, rng: jax.Array) -> dict:
         return init_variables(self.model, self.dummy, rng)

@@ -37,16 +37,18 @@ def make_manager(
 
 def save(
     manager: ocp.CheckpointManager,
+    step: int,
     state: dict,
     data_iterator: grain.DatasetIterator,
     meta: dict,
     *,
     force: bool = False,
 ) -> bool:
-    """Saves `state` ({"step", "params", "opt_state"}) at its step, with the position of
+    """Saves `state` ({"step", "params", "opt_state"}) as `step` (the host's count of its
+    `state["step"]`: reading that would wait for the step), with the position of
     `data_iterator` after that step's batch. Arrays are written asynchronously; the iterator
-    state is taken now (grain's handler is synchronous), before the next batch is drawn."""
-    step = int(jax.device_get(state["step"]))
+    state is taken now (grain's handler is synchronous), before the next batch is drawn. Off
+    the save interval (and unforced) it returns at once, touching no array."""
     return manager.save(
         step,
         force=force,

@@ -37,7 +37,10 @@ import dataclasses
 import re
 from collections.abc import Mapping
 
+import numpy as np
+
 from moe_llava_jax import param_tree
+from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
 from moe_llava_jax.models.lvlm import LVLMConfig
 from moe_llava_jax.models.projector import projector_depth
 
@@ -199,18 +202,68 @@ def activation_gradient_flops(unit: Unit, trains: bool, below: bool) -> float:
     return 0.0
 
 
+def unit_step_flops(unit: Unit, trains: bool, below: bool) -> StepFlops:
+    """The unit's forward and backward FLOPs in a step (module docstring)."""
+    return StepFlops(
+        forward=unit.weight_flops + unit.attention_flops,
+        backward=(unit.weight_flops if trains else 0.0)
+        + activation_gradient_flops(unit, trains, below),
+    )
+
+
 def train_step_flops(
     config: LVLMConfig, trainable_mask: Mapping, batch: int, seq: int
 ) -> StepFlops:
     """FLOPs of one step on input_ids [batch, seq] (+ batch images) training the params the
     mask (nested like the params, or flat by '/'-joined path) marks True."""
-    forward = backward = 0.0
-    for unit, trains, below in _chain(config, trainable_mask, batch, seq):
-        forward += unit.weight_flops + unit.attention_flops
-        backward += (unit.weight_flops if trains else 0.0) + activation_gradient_flops(
-            unit, trains, below
-        )
-    return StepFlops(forward=forward, backward=backward)
+    steps = [unit_step_flops(*link) for link in _chain(config, trainable_mask, batch, seq)]
+    return StepFlops(
+        forward=sum(s.forward for s in steps), backward=sum(s.backward for s in steps)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkRates:
+    """Model FLOPs of a step per unit of work, so that a step can count the work of its
+    real examples (packed or padded rows alike) instead of every padded position: an image
+    (vision tower + projector), a token (the decoder's and LM head's weight matmuls), a
+    query-key pair of the decoder's attention scores (an example of n tokens has n^2, as
+    the unmasked count above has seq^2 per row)."""
+
+    per_image: float
+    per_token: float
+    per_pair: float
+
+    def flops(self, images: float, tokens: float, pairs: float) -> float:
+        return images * self.per_image + tokens * self.per_token + pairs * self.per_pair
+
+
+def batch_work(batch: Mapping[str, np.ndarray], num_image_tokens: int) -> tuple[int, int, int]:
+    """(images, tokens, attention pairs) of a host batch's real examples: packed rows count
+    each segment (`segments`), padded rows their `length` (`data/pipeline.py`)."""
+    if "segments" in batch:
+        lengths = np.concatenate([np.bincount(row)[1:] for row in batch["segments"]])
+    else:
+        lengths = np.asarray(batch["length"])
+    lengths = lengths.astype(np.int64)
+    images = int(np.sum(batch["input_ids"] == IMAGE_TOKEN_INDEX)) // num_image_tokens
+    return images, int(lengths.sum()), int(np.sum(lengths**2))
+
+
+def train_step_rates(config: LVLMConfig, trainable_mask: Mapping, seq: int) -> WorkRates:
+    """The step's `WorkRates` (which units train, as in `train_step_flops`): for b rows of
+    `seq` tokens and an image each, `rates.flops(b, b * seq, b * seq**2)` is
+    `train_step_flops(..., b, seq).total`."""
+    image = token = pair = 0.0
+    for unit, trains, below in _chain(config, trainable_mask, 1, seq):
+        total = unit_step_flops(unit, trains, below).total
+        if not unit.prefixes[0].startswith("decoder/"):  # tower, projector: per image
+            image += total
+            continue
+        scores = unit.attention_flops * (3 if trains or below else 1)  # fwd + 2x in the bwd
+        token += (total - scores) / seq
+        pair += scores / seq**2
+    return WorkRates(image, token, pair)
 
 
 def designed_overheads(

@@ -132,15 +132,16 @@ def prompt_bucket(length: int, buckets_per_octave: int = 4, minimum: int = 32) -
 def left_pad(
     prompts: Sequence[np.ndarray], pad_id: int, length: int
 ) -> tuple[np.ndarray, ...]:
-    """ids [b, P = length] (pads first), valid [b, P], positions [b, P] (0 at each first real
-    token); `length` >= the longest prompt."""
+    """ids [b, P = length] (pads first), segments [b, P] (pads 0, the prompt 1: attention's
+    segment ids), positions [b, P] (0 at each first real token); `length` >= the longest
+    prompt."""
     ids = np.full((len(prompts), length), pad_id, np.int32)
-    valid = np.zeros((len(prompts), length), bool)
+    segments = np.zeros((len(prompts), length), np.int32)
     for row, prompt in enumerate(prompts):
         ids[row, length - len(prompt) :] = prompt
-        valid[row, length - len(prompt) :] = True
-    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
-    return ids, valid, positions
+        segments[row, length - len(prompt) :] = 1
+    positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
+    return ids, segments, positions
 
 
 class _RowEnds:
@@ -191,13 +192,13 @@ class CachedDecoder:
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["cache"])
 
     @functools.partial(jax.jit, static_argnums=(0, 1))
-    def _forward(self, sampling, params, cache, ids, images, positions, valid, rng):
+    def _forward(self, sampling, params, cache, ids, images, positions, segments, rng):
         (logits, _), mutated = self.model.apply(
             {"params": params, "cache": cache},
             ids,
             images,
             positions=positions,
-            valid=valid,
+            segments=segments,
             decode=True,
             mutable=["cache"],
         )
@@ -217,19 +218,19 @@ class CachedDecoder:
     ) -> list[list[int]]:
         """Continuation ids of each prompt, cut at EOS (excluded) or where `stop` fired."""
         longest = max(len(p) for p in prompts)
-        ids, valid, positions = left_pad(
+        ids, segments, positions = left_pad(
             prompts, pad_id, prompt_bucket(longest, self.buckets_per_octave)
         )
         batch = len(prompts)
         key = jax.random.key(sampling.seed)
         cache = self._empty_cache(batch, ids.shape[1] + max_new_tokens, tuple(images.shape[1:]))
         token, cache = self._forward(
-            sampling, params, cache, ids, images, positions, valid, jax.random.fold_in(key, 0)
+            sampling, params, cache, ids, images, positions, segments, jax.random.fold_in(key, 0)
         )
         position = positions[:, -1:] + 1  # [b, 1]
         rows = _RowEnds(batch, eos_id, stop)
         rows.add(np.asarray(token))
-        step_valid = np.ones((batch, 1), bool)
+        step_segments = np.ones((batch, 1), np.int32)
         for step in range(1, max_new_tokens):
             if rows.all_done:
                 break
@@ -240,7 +241,7 @@ class CachedDecoder:
                 token[:, None],
                 None,
                 position,
-                step_valid,
+                step_segments,
                 jax.random.fold_in(key, step),
             )
             position = position + 1

@@ -67,7 +67,8 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 class Throughput:
-    """Step time, tokens/s and MFU from wall-clock time between the loop's per-step syncs.
+    """Step time, real tokens/s, padding and MFU from wall-clock time between the loop's
+    per-step syncs, counting the work of each step's real examples (`flops.batch_work`).
 
     The loop already waits for every step's result (it reads `nonfinite_streak`); `tick()`
     right after that wait marks the step's end, so the timing adds no device sync. The
@@ -76,38 +77,43 @@ class Throughput:
     step's compilation is not counted.
     """
 
-    def __init__(
-        self,
-        tokens_per_step: int,
-        flops_per_step: float,
-        peak_flops: float,
-        clock: Callable[[], float] = time.perf_counter,
-    ):
+    def __init__(self, peak_flops: float, clock: Callable[[], float] = time.perf_counter):
         """`peak_flops`: of all devices together; 0 = unknown (no "mfu")."""
-        self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
         self.peak_flops, self.clock = peak_flops, clock
         self.start: float | None = None  # the tick that opened the current interval
         self.last = 0.0  # the latest tick
         self.steps = 0  # steps timed since `start`
+        self.positions = self.tokens = self.flops = 0.0  # their work
 
-    def tick(self) -> None:
+    def tick(self, positions: int, tokens: int, flops: float) -> None:
+        """The step that just ended: its batch's positions, real tokens and the model FLOPs
+        of its real examples."""
         self.last = self.clock()
         if self.start is None:
             self.start = self.last
-        else:
-            self.steps += 1
+            return
+        self.steps += 1
+        self.positions += positions
+        self.tokens += tokens
+        self.flops += flops
 
     def rates(self) -> dict[str, float]:
         """Means over the steps since the last call ({} before a step has been timed):
-        `step_time_s`, `tokens_per_s` (every position of the padded batch) and `mfu`
-        (model FLOPs per second / `peak_flops`, when it is known)."""
+        `step_time_s`, `tokens_per_s` (real tokens), `padding` (the share of positions
+        that are not) and `mfu` (real examples' model FLOPs per second / `peak_flops`,
+        when it is known)."""
         if not self.steps:
             return {}
-        step_time = (self.last - self.start) / self.steps
-        self.start, self.steps = self.last, 0
-        rates = {"step_time_s": step_time, "tokens_per_s": self.tokens_per_step / step_time}
+        elapsed = self.last - self.start
+        rates = {
+            "step_time_s": elapsed / self.steps,
+            "tokens_per_s": self.tokens / elapsed,
+            "padding": 1.0 - self.tokens / max(self.positions, 1),
+        }
         if self.peak_flops > 0:
-            rates["mfu"] = self.flops_per_step / step_time / self.peak_flops
+            rates["mfu"] = self.flops / elapsed / self.peak_flops
+        self.start, self.steps = self.last, 0
+        self.positions = self.tokens = self.flops = 0.0
         return rates
 
 

@@ -37,7 +37,9 @@ from moe_llava_jax import answer_loss, optim, param_tree
 from moe_llava_jax.models.lvlm import MoELLaVA
 
 TrainState = dict[str, Any]  # {"step": int32[], "params": pytree, "opt_state": optax state}
-Batch = Mapping[str, jax.Array]  # input_ids [b, t] int32, labels [b, t] int32, images [b, H, W, 3]
+# input_ids, labels [b, t] int32, images [b, H, W, 3]; packed rows: images [b, m, H, W, 3],
+# segments, positions [b, t] int32 (`data/pipeline.py`).
+Batch = Mapping[str, jax.Array]
 
 
 # Metrics that are a micro-batch's share of the global batch's (summed over micro-batches);
@@ -75,6 +77,8 @@ def compute_loss(
         batch["input_ids"],
         batch["images"],
         deterministic=deterministic,
+        positions=batch.get("positions"),
+        segments=batch.get("segments"),
         head=False,
         # The dropout stream is derived, so the gating noise is the same with or without it.
         rngs={"gating": rng, "dropout": jax.random.fold_in(rng, 1)},

@@ -8,6 +8,7 @@ or upcycled) -> loop.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -109,6 +110,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 "(each micro-batch is routed in num_groups groups)"
             )
     image_ops.get_image_processor(config.model.image_processor)
+    build.packing(config)
 
 
 def checkpoint_dir(config: ml_collections.ConfigDict, stage: str) -> Path:
@@ -164,12 +166,16 @@ class Stage(StageModel):
             "opt_state": abstract_opt,
         }
         self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
-        # Model FLOPs of one step on the padded global batch (MFU, `flops.py`).
+        # Model FLOPs of one step on the padded global batch (`flops.py`; the AOT report),
+        # and per unit of real work (the logged MFU).
         self.step_flops = flops.train_step_flops(
             self.model_cfg,
             self.canonical(self.mask),
             self.stage_cfg.batch_size,
             self.stage_cfg.max_length,
+        )
+        self.work_rates = flops.train_step_rates(
+            self.model_cfg, self.canonical(self.mask), self.stage_cfg.max_length
         )
         self.train_step = jit_train_step(
             make_train_step(
@@ -230,12 +236,51 @@ class Stage(StageModel):
         return {"step": step, "params": params, "opt_state": opt_state}
 
 
+@dataclasses.dataclass(frozen=True)
+class DispatchedStep:
+    """A step the device has been given, whose metrics the loop reads one step later (so the
+    host never waits for the step it has just dispatched)."""
+
+    step: int
+    metrics: dict  # device arrays
+    positions: int  # the global batch's work (`Throughput.tick`)
+    tokens: int
+    flops: float
+
+
+def dispatched(stage: Stage, step: int, metrics: dict, local_batch: dict) -> DispatchedStep:
+    """The step's record; its work is this process's batch's x processes (exact on one host,
+    an estimate across hosts: each counts its own batch)."""
+    processes = jax.process_count()
+    images, tokens, pairs = flops.batch_work(local_batch, stage.model_cfg.vision.num_image_tokens)
+    return DispatchedStep(
+        step,
+        metrics,
+        positions=local_batch["input_ids"].size * processes,
+        tokens=tokens * processes,
+        flops=stage.work_rates.flops(images, tokens, pairs) * processes,
+    )
+
+
+def finish(done: DispatchedStep, throughput: Throughput, log: StageLog, cfg) -> int:
+    """Waits for `done`, times it, logs it on log steps; returns its non-finite streak."""
+    streak = int(done.metrics["nonfinite_streak"])  # the loop's only wait for the device
+    throughput.tick(done.positions, done.tokens, done.flops)
+    if done.step % cfg.log_every == 0 or done.step == cfg.num_steps:
+        log.log(done.step, done.metrics, throughput.rates())
+    return streak
+
+
 def train_stage(stage: Stage, source: RecordSource, tokenizer: Tokenizer) -> dict:
     """Trains `stage` to `num_steps` (resuming if checkpoints exist); returns final params.
 
+    The host runs one step ahead: it dispatches step N (its batch built and put on the
+    devices while step N - 1 runs), then waits for step N - 1's metrics, so the device is
+    never idle between steps on the host's account; checkpoints take the host's step count.
     Exits the process (code 0) after checkpointing the current step when preempted; stops
-    with `NonFiniteLossError` after `max_nonfinite_steps` updates in a row were skipped for
-    non-finite gradients (the optimizer skips them, `optim.make_optimizer`)."""
+    with `NonFiniteLossError` once `max_nonfinite_steps` updates in a row were skipped for
+    non-finite gradients (the optimizer skips them, `optim.make_optimizer`), learnt one step
+    late: the step after the streak has run too, and is the one saved."""
     cfg, config = stage.stage_cfg, stage.config
     stage_dir = Path(config.workdir) / stage.name
     manager = checkpoint.make_manager(
@@ -250,42 +295,48 @@ def train_stage(stage: Stage, source: RecordSource, tokenizer: Tokenizer) -> dic
     state = stage.initial_state(manager, data_iterator)
     start = int(jax.device_get(state["step"]))
     meta = {"stage": stage.name, "config": config.to_json()}
-    throughput = Throughput(
-        tokens_per_step=cfg.batch_size * cfg.max_length,
-        flops_per_step=stage.step_flops.total,
-        peak_flops=config.peak_flops_per_device * jax.device_count(),
-    )
+    throughput = Throughput(peak_flops=config.peak_flops_per_device * jax.device_count())
+
+    def nonfinite_error(streak: int, last_bad: int, saved: int) -> NonFiniteLossError:
+        manager.wait_until_finished()
+        return NonFiniteLossError(
+            f"{stage.name}: {streak} steps in a row (up to step {last_bad}) had a non-finite "
+            f"loss or gradients and were skipped (config key max_nonfinite_steps="
+            f"{config.max_nonfinite_steps}); checkpoint saved at step {saved} holds finite "
+            "weights (skipped updates leave them as they were). Lower the learning rate or "
+            f"check the data; the losses are in {stage_dir / 'metrics.jsonl'}."
+        )
+
     with (
         StageLog(stage_dir, stage.name, start, cfg.num_steps) as log,
         PreemptionWatch() as preemption,
     ):
+        previous = None
         for step, local_batch in zip(range(start + 1, cfg.num_steps + 1), data_iterator):
             batch = {
                 k: jax.make_array_from_process_local_data(stage.batch_sharding, local_batch[k])
                 for k in MODEL_INPUTS
+                if k in local_batch
             }
-            state, metrics = stage.train_step(state, batch)  # state["step"] is now `step`
-            streak = int(metrics["nonfinite_streak"])  # waits for the step: the loop's sync
-            throughput.tick()
-            if step % cfg.log_every == 0 or step == cfg.num_steps:
-                log.log(step, metrics, throughput.rates())
+            state, metrics = stage.train_step(state, batch)  # queued: runs while the host goes on
+            streak = 0 if previous is None else finish(previous, throughput, log, cfg)
+            failing = streak >= config.max_nonfinite_steps  # of step - 1
+            previous = dispatched(stage, step, metrics, local_batch)
             stop = preemption.should_stop(manager, step)
-            force = step == cfg.num_steps or stop or streak >= config.max_nonfinite_steps
-            checkpoint.save(manager, state, data_iterator, meta, force=force)
+            force = step == cfg.num_steps or stop or failing
+            checkpoint.save(manager, step, state, data_iterator, meta, force=force)
             log.bar.update(1)
-            if streak >= config.max_nonfinite_steps:
-                manager.wait_until_finished()
-                raise NonFiniteLossError(
-                    f"{stage.name}: {streak} steps in a row (up to step {step}) had a non-finite "
-                    f"loss or gradients and were skipped (config key max_nonfinite_steps="
-                    f"{config.max_nonfinite_steps}); checkpoint saved at step {step} holds the "
-                    "weights of the last finite step. Lower the learning rate or check the data; "
-                    f"the losses are in {stage_dir / 'metrics.jsonl'}."
-                )
-            if stop:
+            if failing or stop:
+                finish(previous, throughput, log, cfg)  # this step's metrics in the log too
+                if failing:
+                    raise nonfinite_error(streak, step - 1, step)
                 manager.wait_until_finished()
                 log.message(f"{stage.name}: preempted; checkpoint saved at step {step}, exiting")
                 raise SystemExit(0)
+        if previous is not None:
+            streak = finish(previous, throughput, log, cfg)
+            if streak >= config.max_nonfinite_steps:
+                raise nonfinite_error(streak, previous.step, previous.step)
     manager.wait_until_finished()
     manager.close()
     if skip_log.entries:

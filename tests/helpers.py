@@ -21,4 +21,4 @@ def first_batch(stage, data, tokenizer):
     source = from_config.stage_source(stage.config, stage.name, data)
     skip_log = stage.skip_log(source, Path(stage.config.workdir) / "skipped.jsonl")
     batch = next(iter(stage.dataset(source, tokenizer, skip_log)))
-    return {k: jnp.asarray(batch[k]) for k in MODEL_INPUTS}
+    return {k: jnp.asarray(batch[k]) for k in MODEL_INPUTS if k in batch}

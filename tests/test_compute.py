@@ -13,6 +13,7 @@ import pytest
 
 from moe_llava_jax import answer_loss, flops, freeze, metrics_log, param_tree, sharding, train_step, trainer
 from moe_llava_jax.data import from_config
+from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
 from moe_llava_jax.models import scan
 from moe_llava_jax.models.lvlm import MoELLaVA, layer_plans
 from moe_llava_jax.models.moe import MoEConfig
@@ -382,21 +383,38 @@ def test_flops_refuse_a_mask_with_params_no_unit_owns():
 
 def test_throughput_times_steps_between_ticks_without_the_first():
     times = iter([100.0, 102.0, 104.0, 106.0, 109.0])
-    meter = metrics_log.Throughput(
-        tokens_per_step=1000, flops_per_step=4e9, peak_flops=1e10, clock=lambda: next(times)
-    )
-    meter.tick()  # step 1 (compilation): starts the clock only
+    meter = metrics_log.Throughput(peak_flops=1e10, clock=lambda: next(times))
+    meter.tick(positions=4000, tokens=9, flops=1.0)  # step 1 (compilation): the clock only
     assert meter.rates() == {}
-    for _ in range(3):
-        meter.tick()
-    assert meter.rates() == pytest.approx({"step_time_s": 2.0, "tokens_per_s": 500.0, "mfu": 0.2})
+    for tokens in (1000, 800, 1200):
+        meter.tick(positions=4000, tokens=tokens, flops=4e9)
+    assert meter.rates() == pytest.approx(
+        {"step_time_s": 2.0, "tokens_per_s": 500.0, "padding": 0.75, "mfu": 0.2}
+    )
     assert meter.rates() == {}  # nothing new since
-    meter.tick()
+    meter.tick(positions=10, tokens=10, flops=0.0)
     assert meter.rates()["step_time_s"] == pytest.approx(3.0)
-    unknown_peak = metrics_log.Throughput(10, 1.0, peak_flops=0.0, clock=iter([0.0, 1.0]).__next__)
-    unknown_peak.tick()
-    unknown_peak.tick()
-    assert set(unknown_peak.rates()) == {"step_time_s", "tokens_per_s"}
+    unknown_peak = metrics_log.Throughput(peak_flops=0.0, clock=iter([0.0, 1.0]).__next__)
+    unknown_peak.tick(1, 1, 1.0)
+    unknown_peak.tick(1, 1, 1.0)
+    assert set(unknown_peak.rates()) == {"step_time_s", "tokens_per_s", "padding"}
+
+
+@pytest.mark.parametrize("preset", ["stage1", "stage2", "stage3_paper"])
+def test_work_rates_give_the_padded_count_and_count_real_examples(preset):
+    """rates.flops(b, b seq, b seq^2) = train_step_flops(b, seq); a batch's real work is
+    its examples' (segments of packed rows, `length` of padded ones)."""
+    config, mask = counted_model(preset)
+    rates = flops.train_step_rates(config, mask, seq=12)
+    assert rates.flops(2, 2 * 12, 2 * 12**2) == pytest.approx(
+        flops.train_step_flops(config, mask, batch=2, seq=12).total, rel=1e-12
+    )
+    ids = np.zeros((2, 12), np.int32)
+    ids[0, :4] = ids[1, 2:6] = IMAGE_TOKEN_INDEX  # two images of 4 tokens
+    packed = {"input_ids": ids, "segments": np.array([[1] * 7 + [2] * 3 + [0] * 2, [1] * 12])}
+    assert flops.batch_work(packed, num_image_tokens=4) == (2, 22, 7**2 + 3**2 + 12**2)
+    padded = {"input_ids": ids, "length": np.array([5, 9], np.int32)}
+    assert flops.batch_work(padded, num_image_tokens=4) == (2, 14, 5**2 + 9**2)
 
 
 def test_stage_logs_throughput_and_trains_with_accumulation(micro_config):
@@ -412,10 +430,16 @@ def test_stage_logs_throughput_and_trains_with_accumulation(micro_config):
     assert [r["step"] for r in metrics] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and "step_time_s" not in r for r in metrics)
     assert [r["step"] for r in rates] == [2, 3, 4]  # step 1 compiles: not timed
-    tokens = micro_config.stage1.batch_size * micro_config.stage1.max_length
-    for record in rates:
+    source = from_config.stage_source(micro_config, "stage1", data)
+    skip_log = stage.skip_log(source, Path(micro_config.workdir) / "skipped-check.jsonl")
+    batches = iter(stage.dataset(source, tokenizer, skip_log))
+    next(batches)  # step 1's: not timed
+    positions = micro_config.stage1.batch_size * micro_config.stage1.max_length
+    for record, batch in zip(rates, batches):  # one record a step (log_every=1)
+        images, tokens, pairs = flops.batch_work(batch, stage.model_cfg.vision.num_image_tokens)
+        assert tokens < positions and record["padding"] == pytest.approx(1 - tokens / positions)
         assert record["tokens_per_s"] == pytest.approx(tokens / record["step_time_s"])
-        expected_mfu = stage.step_flops.total / record["step_time_s"] / 1e12
+        expected_mfu = stage.work_rates.flops(images, tokens, pairs) / record["step_time_s"] / 1e12
         assert record["mfu"] == pytest.approx(expected_mfu / jax.device_count())
 
 

@@ -140,7 +140,7 @@ def test_data_position_is_restored_from_the_checkpoint(micro_config, broken_json
     for _ in range(3):
         next(first)
     manager = checkpoint.make_manager(tmp_path / "ckpt")
-    checkpoint.save(manager, state, first, {"stage": "stage2"}, force=True)
+    checkpoint.save(manager, 3, state, first, {"stage": "stage2"}, force=True)
     manager.wait_until_finished()
     expected = [next(first) for _ in range(4)]
 

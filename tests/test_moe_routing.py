@@ -35,6 +35,25 @@ def test_selection_slots_and_drops():
     np.testing.assert_allclose(r.expert_load, [3 / 8, 3 / 8, 2 / 8], rtol=1e-6)
 
 
+def test_pads_take_no_capacity_and_stay_out_of_every_statistic():
+    """The hand example with pads put between its tokens (as a packed row has them) routes its
+    tokens as without the pads: same choices, slots, gates, aux / z loss, entropy, load and
+    dropped fraction; the pads take no slot and get gate 0."""
+    pad = np.log(np.array([[0.9, 0.05, 0.05]], np.float32))  # pads would all want e0
+    shift = 0.5  # logsumexp 0.5: a z-loss far from 0
+    logits = shift + np.concatenate([pad, np.log(PROBS[:2]), pad, pad, np.log(PROBS[2:])])[None]
+    real = np.array([[False, True, True, False, False, True, True]])
+    padded = moe.route_top_k(jnp.asarray(logits), 2, capacity=2, real=jnp.asarray(real))
+    alone = moe.route_top_k(shift + jnp.log(PROBS)[None], top_k=2, capacity=2)
+    np.testing.assert_array_equal(alone.slot, hand_routing().slot)
+    for name in ("expert_index", "slot", "gate"):
+        np.testing.assert_array_equal(getattr(padded, name)[real], getattr(alone, name)[0])
+    np.testing.assert_array_equal(padded.gate[~real], 0.0)
+    np.testing.assert_array_equal(padded.slot[~real], 2)
+    for name in ("aux_loss", "z_loss", "entropy", "expert_load", "dropped_fraction"):
+        np.testing.assert_allclose(getattr(padded, name), getattr(alone, name), rtol=1e-6)
+
+
 def test_gates_renormalise_over_kept_choices():
     r = hand_routing()
     np.testing.assert_allclose(

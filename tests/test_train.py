@@ -13,6 +13,7 @@ import pytest
 
 from moe_llava_jax import param_tree, sharding, trainer
 from moe_llava_jax.data import from_config
+from tests.helpers import first_batch, make_stage
 
 
 def stage_metrics(config, name):
@@ -38,6 +39,63 @@ def test_resume_mid_stage_continues_step_count_and_schedule(micro_config):
     # The log is cut back to the checkpoint (step 2), then steps 3-4 are logged again: with
     # the same data and weights, exactly the uninterrupted run's values.
     assert stage_metrics(micro_config, "stage1") == uninterrupted
+
+
+@pytest.mark.parametrize("packing", ["first_fit", "bucket"])
+def test_a_packed_stage_trains_and_resumes_exactly(micro_config, packing):
+    """data.packing through the trainer: first_fit rows hold several captions, bucket
+    batches are shorter than max_length; a run resumed from the step-2 checkpoint (the
+    packer's state in it) logs what the uninterrupted run logged."""
+    micro_config.data.update(packing=packing, packing_bins=4, bucket_window=2)
+    run_stage(micro_config, "stage1")
+    uninterrupted = stage_metrics(micro_config, "stage1")
+    # Unpacked, the 8 rows hold 92-96 answer tokens (one caption each); packed ~4x that.
+    if packing == "first_fit":
+        assert all(m["answer_tokens"] > 250 for m in uninterrupted)
+    else:  # captions of ~30 tokens: the 48 bucket at most
+        stage, data, tokenizer = make_stage(micro_config, "stage1")
+        assert first_batch(stage, data, tokenizer)["input_ids"].shape[1] <= 48
+    shutil.rmtree(trainer.checkpoint_dir(micro_config, "stage1") / "4")
+    run_stage(micro_config, "stage1")
+    assert stage_metrics(micro_config, "stage1") == uninterrupted
+
+
+def test_the_loop_dispatches_each_step_before_waiting_for_the_last(micro_config):
+    """No per-step host sync: step N + 1 is handed to the devices before step N's metrics
+    are first read (the loop's only wait for the device), every step's metrics are read,
+    and the checkpoints carry the host's step count."""
+    events = []
+    stage, data, tokenizer = make_stage(micro_config, "stage1")
+    jitted = stage.train_step
+
+    class ReadRecorded(dict):
+        def __init__(self, metrics, step):
+            super().__init__(metrics)
+            self.step = step
+
+        def __getitem__(self, key):
+            if key == "nonfinite_streak":
+                events.append(("read", self.step))
+            return super().__getitem__(key)
+
+    def recorded_step(state, batch):
+        step = sum(kind == "dispatch" for kind, _ in events) + 1
+        events.append(("dispatch", step))
+        state, metrics = jitted(state, batch)
+        return state, ReadRecorded(metrics, step)
+
+    stage.train_step = recorded_step
+    trainer.train_stage(stage, from_config.stage_source(micro_config, "stage1", data), tokenizer)
+    first_read = {}
+    for index, (kind, step) in enumerate(events):
+        if kind == "read":
+            first_read.setdefault(step, index)
+    dispatch = {step: index for index, (kind, step) in enumerate(events) if kind == "dispatch"}
+    assert sorted(first_read) == sorted(dispatch) == [1, 2, 3, 4]
+    assert all(dispatch[n + 1] < first_read[n] for n in (1, 2, 3))
+    saved = sorted(int(p.name) for p in trainer.checkpoint_dir(micro_config, "stage1").iterdir()
+                   if p.name.isdigit())
+    assert saved == [2, 4]
 
 
 def test_three_stages_chain_through_init_from(micro_config):
@@ -86,6 +144,7 @@ def test_missing_init_from_names_the_command(micro_config):
         ("routing.after", "stage2", "routing.after names 'stage2', which has no MoE"),
         ("workdir", "gs://bucket/run", "workdir='gs://bucket/run'.*gcsfuse"),
         ("upcycle.mode", "clone", "upcycle.mode='clone'"),
+        ("data.packing", "best_fit", "data.packing='best_fit'"),
     ],
 )
 def test_bad_config_values_fail_naming_the_key(micro_config, key, value, match):
@@ -101,15 +160,17 @@ def test_bad_config_values_fail_naming_the_key(micro_config, key, value, match):
 def test_non_finite_updates_are_skipped_then_the_run_saves_and_stops(micro_config):
     """A learning rate of 1e30 blows the weights up after the first real update; from then on
     every gradient is non-finite: those updates are skipped (weights stay as they were) and
-    counted, and after `max_nonfinite_steps` in a row the stage saves and stops."""
+    counted, and once `max_nonfinite_steps` in a row are seen — one step late, the loop
+    reads metrics a step behind — the stage saves the step after them and stops."""
     micro_config.stage1.update(lr=1e30, num_steps=12, warmup_ratio=0.0)
     micro_config.max_nonfinite_steps = 3
-    with pytest.raises(trainer.NonFiniteLossError, match=r"3 steps in a row \(up to step (\d+)\)"):
+    with pytest.raises(trainer.NonFiniteLossError, match=r"3 steps in a row \(up to step (\d+)\)") as error:
         run_stage(micro_config, "stage1")
     logged = stage_metrics(micro_config, "stage1")
     streaks = [m["nonfinite_streak"] for m in logged]
     last = logged[-1]["step"]
-    assert streaks[-3:] == [1, 2, 3] and logged[-1]["nonfinite_total"] == 3
+    assert streaks[-4:] == [1, 2, 3, 4] and logged[-1]["nonfinite_total"] == 4
+    assert f"up to step {last - 1}" in str(error.value) and f"saved at step {last}" in str(error.value)
     assert last < 12  # stopped early
     ckpt = trainer.checkpoint_dir(micro_config, "stage1")
     assert last in [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]

@@ -1,5 +1,11 @@
 """grain pipeline: LLaVA records -> fixed-shape training batches.
 
+A row is one example right-padded to `max_length` (`data.packing="none"`), to the shortest
+of a few bucket lengths that holds its batch (`"bucket"`, `data/bucketing.py`), or several
+examples packed first-fit into it (`"first_fit"`, `pack_first_fit`): positions restart and
+segment ids number the examples, so attention never crosses an example, and each row has a
+fixed number of image slots that only the examples with an image take.
+
 The record stream is a pure function of the seed (shuffled, reshuffled every epoch); each
 process reads a disjoint stride of it (multi-host). Records that cannot become an example
 (missing or corrupt image, too long) are dropped from the stream and listed in the stage's
@@ -19,6 +25,7 @@ import grain
 import jax
 import numpy as np
 
+from moe_llava_jax.data import bucketing
 from moe_llava_jax.data import images as image_ops
 from moe_llava_jax.data.conversation import (
     IGNORE_INDEX,
@@ -41,23 +48,91 @@ class Preprocessing:
     max_length: int
 
 
-def load_model_image(image: str | np.ndarray | None, prep: Preprocessing) -> np.ndarray:
-    """Preprocessed image [H, W, 3] f32 from a file path (JSON sources) or a decoded uint8
-    array (TFDS sources); a text-only record gets zeros (its features are never spliced in:
-    it has no placeholders)."""
+def load_model_images(image: str | np.ndarray | None, prep: Preprocessing) -> np.ndarray:
+    """Preprocessed images [k, H, W, 3] f32 from a file path (JSON sources) or a decoded
+    uint8 array (TFDS sources): k = 1, or 0 for a text-only record."""
     if image is None:
-        return np.zeros((prep.image_size, prep.image_size, 3), np.float32)
+        return np.zeros((0, prep.image_size, prep.image_size, 3), np.float32)
     return image_ops.preprocess_image(
         image_ops.load_image(image), prep.image_size, prep.processor, prep.pad_to_square
-    )
+    )[None]
+
+
+def row_image(images: np.ndarray) -> np.ndarray:
+    """[k <= 1, H, W, 3] -> [H, W, 3]: an unpacked row's image; zeros for a text-only example
+    (its features are never spliced in: it has no placeholders)."""
+    return images[0] if len(images) else np.zeros(images.shape[1:], images.dtype)
 
 
 def pad_to(ids: np.ndarray, length: int, value: int) -> np.ndarray:
     return np.pad(ids, (0, length - len(ids)), constant_values=value)
 
 
-# The keys of an example the model reads (the rest, e.g. `index`, stays on the host).
-MODEL_INPUTS = ("input_ids", "labels", "images")
+# The keys of a batch the model reads (the rest, e.g. `index`, `length`, stays on the host);
+# `segments` and `positions` only packed batches have.
+MODEL_INPUTS = ("input_ids", "labels", "images", "segments", "positions")
+PACKINGS = ("none", "bucket", "first_fit")  # `data.packing` values
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """How examples become rows (`data.packing` and the keys below it)."""
+
+    mode: str = "none"  # a PACKINGS name
+    # first_fit: rows filled at a time (grain emits them all when an example fits none):
+    # more bins, less padding, more examples held on the host.
+    bins: int = 64
+    image_slots: int = 4  # first_fit: images per row (a row is full when they are taken)
+    buckets: int = 4  # bucket: evenly spaced lengths up to max_length
+    bucket_window: int = 16  # bucket: batches grouped at a time
+
+    def __post_init__(self):
+        if self.mode not in PACKINGS:
+            raise ValueError(f"config key data.packing={self.mode!r}: expected one of {PACKINGS}")
+        for key, value in (
+            ("packing_bins", self.bins),
+            ("image_slots", self.image_slots),
+            ("buckets", self.buckets),
+            ("bucket_window", self.bucket_window),
+        ):
+            if value < 1:
+                raise ValueError(f"config key data.{key}={value} must be >= 1")
+
+
+def pack_first_fit(
+    examples: grain.IterDataset, prep: Preprocessing, pad_id: int, packing: Packing
+) -> grain.IterDataset:
+    """Unpadded examples -> packed rows {input_ids, labels [T], images [m, H, W, 3],
+    segments [T] (examples 1, 2, ...; pads 0), positions [T] (restarting at each example)}.
+
+    grain's first-fit packer fills `packing.bins` rows in stream order, an example going to
+    the first row with room for its tokens and images; its state (the parent's position at
+    the round's start and how far into the round) goes into checkpoints like any grain
+    iterator's, so a resumed run packs the same rows. Each example's first label is
+    unsupervised: the position before it (the previous example's last) must not predict it.
+    """
+    length = prep.max_length
+    fields = ("input_ids", "labels", "images")
+    packer = grain.experimental.FirstFitPackIterDataset(
+        examples.map(lambda example: {k: example[k] for k in fields}),
+        length_struct={"input_ids": length, "labels": length, "images": packing.image_slots},
+        num_packing_bins=packing.bins,
+        shuffle_bins=False,  # the stream is shuffled already
+        padding_struct={"input_ids": pad_id, "labels": IGNORE_INDEX, "images": 0.0},
+    )
+    return packer.map(packed_row)
+
+
+def packed_row(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """grain's packed features -> the model's packed inputs (`pack_first_fit`)."""
+    positions = packed["input_ids_positions"]
+    return {
+        "input_ids": packed["input_ids"],
+        "labels": np.where(positions == 0, IGNORE_INDEX, packed["labels"]).astype(np.int32),
+        "images": packed["images"],
+        "segments": packed["input_ids_segment_ids"].astype(np.int32),
+        "positions": positions.astype(np.int32),
+    }
 
 
 class RecordSkipped(ValueError):
@@ -72,7 +147,29 @@ class RecordSkipped(ValueError):
 def make_example(
     record: Mapping, tokenizer: Tokenizer, template: ChatTemplate, prep: Preprocessing
 ) -> dict[str, np.ndarray]:
-    """One record -> {input_ids [T], labels [T], images [H, W, 3]}; right-padded to max_length.
+    """One record -> {input_ids [T], labels [T], images [H, W, 3]}, right-padded to
+    max_length (`padded_example` of `unpadded_example`)."""
+    example = unpadded_example(record, tokenizer, template, prep)
+    return padded_example(example, prep.max_length, tokenizer.pad_id)
+
+
+def padded_example(example: Mapping, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """An `unpadded_example` right-padded to `length`, with its `row_image` and its real
+    `length` (the host's count of useful work, `flops.batch_work`)."""
+    return {
+        **example,
+        "length": np.int32(len(example["input_ids"])),
+        "input_ids": pad_to(example["input_ids"], length, pad_id),
+        "labels": pad_to(example["labels"], length, IGNORE_INDEX),
+        "images": row_image(example["images"]),
+    }
+
+
+def unpadded_example(
+    record: Mapping, tokenizer: Tokenizer, template: ChatTemplate, prep: Preprocessing
+) -> dict[str, np.ndarray]:
+    """One record -> {input_ids [n], labels [n], images [k, H, W, 3]} (n <= max_length; k = 1,
+    or 0 for a text-only record).
 
     Truncation keeps the image placeholders whole: a record whose image would be cut, or whose
     every answer token would be cut, raises `RecordSkipped` naming the record (never a silently
@@ -95,16 +192,12 @@ def make_example(
             "too_long", f"{where}: no answer token left within data.max_length={prep.max_length}"
         )
     try:
-        images = load_model_image(record.get("image"), prep)
+        images = load_model_images(record.get("image"), prep)
     except FileNotFoundError as error:
         raise RecordSkipped("missing_image", f"{where}: {error}") from None
     except ValueError as error:
         raise RecordSkipped("corrupt_image", f"{where}: {error}") from None
-    return {
-        "input_ids": pad_to(ids, prep.max_length, tokenizer.pad_id),
-        "labels": pad_to(labels, prep.max_length, IGNORE_INDEX),
-        "images": images,
-    }
+    return {"input_ids": ids, "labels": labels, "images": images}
 
 
 def example_or_skip(
@@ -114,11 +207,12 @@ def example_or_skip(
     template: ChatTemplate,
     prep: Preprocessing,
 ) -> dict:
-    """An example (+ `index`, the record's index in its source, for tracing), or
+    """An unpadded example (+ `index`, the record's index in its source, for tracing), or
     `{"skipped": entry}` for `SkipLog`; `position` = index in the (global, shuffled,
     repeated) record stream, which identifies the occurrence (a record recurs every epoch)."""
     try:
-        return {**make_example(record, tokenizer, template, prep), "index": record["index"]}
+        example = unpadded_example(record, tokenizer, template, prep)
+        return {**example, "index": record["index"]}
     except RecordSkipped as error:
         return {
             "skipped": {
@@ -198,6 +292,7 @@ def training_dataset(
     global_batch_size: int,
     seed: int,
     workers: int = 0,
+    packing: Packing = Packing(),
 ) -> grain.IterDataset:
     """Infinite dataset of this process's share of each global batch (numpy dicts).
 
@@ -206,7 +301,10 @@ def training_dataset(
     batch has the same records in the same order whatever the number of processes (as long
     as no record is skipped), and a multi-host run computes what a single host would.
     Examples are built in `workers` processes (0: reader threads of this process); skip
-    markers are filtered (and logged) here, after the workers, in this process.
+    markers are filtered (and logged) here, after the workers, in this process. Packed rows
+    are this process's records packed (`pack_first_fit`): which examples share a row then
+    depends on the number of processes. Buckets take one process (every process's batch
+    would need the same length).
     """
     num_processes, process = jax.process_count(), jax.process_index()
     if global_batch_size % num_processes:
@@ -214,6 +312,11 @@ def training_dataset(
             f"batch_size={global_batch_size} is not divisible by {num_processes} processes"
         )
     local = global_batch_size // num_processes
+    if packing.mode == "bucket" and num_processes > 1:
+        raise ValueError(
+            f"config key data.packing='bucket' runs in one process ({num_processes} here: their "
+            "batches would differ in length); use 'first_fit' or 'none'"
+        )
     stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
 
     def stream_position(i: int) -> int:  # this process's i-th record -> its stream position
@@ -229,4 +332,18 @@ def training_dataset(
     )
     if workers:
         examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return examples.filter(skip_log).batch(local, drop_remainder=True)
+    examples = examples.filter(skip_log)
+    pad_id = tokenizer.pad_id
+    if packing.mode == "bucket":
+        return bucketing.BucketBatchIterDataset(
+            examples,
+            lengths=bucketing.bucket_lengths(prep.max_length, packing.buckets),
+            batch_size=local,
+            window=packing.bucket_window,
+            pad=lambda example, length: padded_example(example, length, pad_id),
+        )
+    if packing.mode == "first_fit":
+        rows = pack_first_fit(examples, prep, pad_id, packing)
+    else:
+        rows = examples.map(lambda example: padded_example(example, prep.max_length, pad_id))
+    return rows.batch(local, drop_remainder=True)

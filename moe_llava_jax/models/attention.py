@@ -7,19 +7,24 @@ How the scores are computed is `AttentionKernel` (`model.attention`, same math):
 - "xla": queries in chunks of `query_chunk` under `jax.checkpoint`, so one chunk's f32
   scores `[b, kv, (g chunk), keys]` exist at a time, in the forward and in the backward
   (recomputed there), instead of `[b, heads, T, T]` (StableLM-2 at 16 x 2,624 positions:
-  14 GB per layer); the mask is built per chunk from positions, never as a broadcast
-  `[b, q, keys]` array. Any backend, KV-cache decoding, left-padded batches.
+  14 GB per layer); the mask is built per chunk from slots and segment ids, never as a
+  broadcast `[b, q, keys]` array. Any backend, KV-cache decoding, left-padded and packed
+  batches.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel
-  of cuDNN: GPU, bf16/fp16, causal or bidirectional without a padding mask (training).
+  of cuDNN: GPU, bf16/fp16, causal or bidirectional without segment ids (unpacked training).
 - "splash": Pallas's splash (flash) attention kernel for TPU, under `shard_map` over the
   batch (and heads) the context mesh splits them on: scores live in VMEM blocks, fully
-  masked blocks are skipped; no padding mask, no cache (training). The sequence is padded
-  to whole blocks, the padded keys masked by segment ids. Off TPU it runs interpreted (the
-  CPU tests).
-- "auto": cudnn on GPU with 16-bit compute where it applies (no padding mask, no cache),
+  masked blocks are skipped; segment ids (packed rows) but no cache (training). The
+  sequence is padded to whole blocks, the padded positions given a segment of their own.
+  Off TPU it runs interpreted (the CPU tests).
+- "auto": cudnn on GPU with 16-bit compute where it applies (no segment ids, no cache),
   else xla. Not splash on TPU: compiled for a v5p-8 at the StableLM recipe (README, "At
   real size") it needed 1.3 GB more temporaries per chip than the chunked xla path, and
   its speed there is not measured (no TPU here).
+Segment ids `segments` [b, seq] int (None: one sequence per row, nothing masked but
+causality): a query attends to the keys of its own segment only. Packed rows number their
+examples 1, 2, ... and their padding 0; a left-padded decoding batch is the one-example
+case (pads 0, the prompt 1). Pads attend to pads, so no causal row is ever fully masked.
 The platform is the mesh's devices' (`platform`, set by `build.StageModel`: an AOT compile
 for TPU on a CPU host picks TPU's kernels), else the default backend's.
 """
@@ -68,7 +73,7 @@ def apply_rotary(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: flo
 
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
-FUSED = ("cudnn", "splash")  # fused kernels: no padding mask, no cache
+FUSED = ("cudnn", "splash")  # fused kernels: no cache; cudnn: no segment ids either
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,16 +97,17 @@ class AttentionKernel:
     def resolved_platform(self) -> str:
         return self.platform or jax.default_backend()
 
-    def choose(self, dtype: jnp.dtype, padded: bool, decode: bool) -> str:
+    def choose(self, dtype: jnp.dtype, segmented: bool, decode: bool) -> str:
         """The kernel this call runs: "xla", "cudnn" or "splash" (the fused kernels take no
-        padding mask and no cache)."""
-        applies = not (padded or decode)
+        cache; cudnn takes no segment ids)."""
         name = self.implementation
+        applies = not (decode or (segmented and name != "splash"))
         if name in FUSED:
             if not applies:
                 raise ValueError(
-                    f"config key model.attention={name!r} takes no padding mask and no KV "
-                    "cache (training only); use 'auto' to fall back to 'xla' there"
+                    f"config key model.attention={name!r} takes no KV cache"
+                    + ("" if name == "splash" else " and no segment ids (packed rows)")
+                    + "; use 'auto' to fall back to 'xla' there"
                 )
             if name == "splash" and self.resolved_platform == "gpu":
                 raise ValueError(
@@ -122,35 +128,43 @@ def xla_attention(
     v: jax.Array,
     query_slots: jax.Array,
     key_slots: jax.Array,
-    valid: jax.Array,
+    query_segments: jax.Array | None,
+    key_segments: jax.Array | None,
     causal: bool,
     query_chunk: int,
 ) -> jax.Array:
     """q [b, kv, g, q, d], k / v [b, kv, s, d], query / key slots [q] / [s] (cache positions),
-    valid [b, s] -> out [b, kv, g, q, d]; `query_chunk` queries at a time."""
+    query / key segments [b, q] / [b, s] or None -> out [b, kv, g, q, d]; `query_chunk`
+    queries at a time."""
     b, kv, g, n, d = q.shape
     scale = 1.0 / jnp.sqrt(jnp.float32(d))
 
-    def chunk_attention(q, query_slots):  # q [b, kv, g, c, d], query_slots [c]
+    def chunk_attention(q, query_slots, query_segments):  # [b, kv, g, c, d], [c], [b, c] | None
         scores = jnp.einsum("bkgqd,bksd->bkgqs", q, k).astype(jnp.float32) * scale
-        mask = valid[:, None, None, None, :]  # [b, 1, 1, 1, s]
+        mask = jnp.ones((1, 1, 1), bool)  # [b, c, s], broadcast
+        if query_segments is not None:
+            mask = query_segments[:, :, None] == key_segments[:, None, :]
         if causal:
-            mask = mask & (key_slots[None, :] <= query_slots[:, None])  # [.., c, s]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            mask = mask & (key_slots[None, :] <= query_slots[:, None])[None]
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bkgqs,bksd->bkgqd", probs, v)
 
     if query_chunk <= 0 or n <= query_chunk:
-        return chunk_attention(q, query_slots)
+        return chunk_attention(q, query_slots, query_segments)
     pad = -n % query_chunk
     q = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0)))
     query_slots = jnp.pad(query_slots, (0, pad), constant_values=query_slots[-1])
     chunks = q.shape[3] // query_chunk
     q_chunks = jnp.moveaxis(q.reshape(b, kv, g, chunks, query_chunk, d), 3, 0)
+    segment_chunks = None
+    if query_segments is not None:
+        query_segments = jnp.pad(query_segments, ((0, 0), (0, pad)), mode="edge")
+        segment_chunks = jnp.moveaxis(query_segments.reshape(b, chunks, query_chunk), 1, 0)
     # The backward recomputes each chunk's scores instead of keeping all of them.
     out = jax.lax.map(
         lambda xs: jax.checkpoint(chunk_attention)(*xs),
-        (q_chunks, query_slots.reshape(chunks, query_chunk)),
+        (q_chunks, query_slots.reshape(chunks, query_chunk), segment_chunks),
     )  # [chunks, b, kv, g, c, d]
     return jnp.moveaxis(out, 0, 3).reshape(b, kv, g, chunks * query_chunk, d)[:, :, :, :n]
 
@@ -174,22 +188,33 @@ SPLASH_BLOCKS = (512, 256, 128)  # block sizes tried, largest dividing the padde
 
 
 def splash_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, interpret: bool
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segments: jax.Array | None,
+    causal: bool,
+    interpret: bool,
 ) -> jax.Array:
-    """q [b, kv, g, n, d], k / v [b, kv, n, d] -> out [b, kv, g, n, d] by Pallas's splash
+    """q [b, kv, g, n, d], k / v [b, kv, n, d], segments [b, n] or None -> out
+    [b, kv, g, n, d] by Pallas's splash
     kernel (its MQA form per kv head: g query heads over one k, v), one example and kv head
     per kernel call (vmapped), each device on its own share of the batch and heads
     (`shard_map` over the axes the context mesh splits them on)."""
     mesh = jax.sharding.get_abstract_mesh()
     batch_axes = _dividing_axes(mesh, "batch", q.shape[0])
     head_axes = _dividing_axes(mesh, "heads", q.shape[1])
+    if segments is None:
+        segments = jnp.zeros(q.shape[:1] + q.shape[3:4], jnp.int32)
     run = functools.partial(_splash_local, causal=causal, interpret=interpret)
     if not (batch_axes or head_axes):
-        return run(q, k, v)
+        return run(q, k, v, segments)
     spec = PartitionSpec(batch_axes or None, head_axes or None)
-    return jax.shard_map(run, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
-        q, k, v
-    )
+    return jax.shard_map(
+        run,
+        in_specs=(spec, spec, spec, PartitionSpec(batch_axes or None)),
+        out_specs=spec,
+        check_vma=False,
+    )(q, k, v, segments)
 
 
 def _dividing_axes(mesh: jax.sharding.AbstractMesh, logical: str, size: int) -> tuple[str, ...]:
@@ -201,10 +226,12 @@ def _dividing_axes(mesh: jax.sharding.AbstractMesh, logical: str, size: int) -> 
     return axes if size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
 
 
-def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, interpret: bool):
-    """`splash_attention` on this device's arrays: the sequence padded to whole 128-blocks;
-    padded keys get segment 1 (never attended), every query segment 0, so a padded query row
-    still attends to real keys and stays finite (it is cut off after)."""
+def _splash_local(
+    q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, causal: bool, interpret: bool
+):
+    """`splash_attention` on this device's arrays: the sequence padded to whole 128-blocks,
+    the padded positions in segment -1 (no real segment's), where they attend to each other
+    only and stay finite (they are cut off after)."""
     b, kv, g, n, d = q.shape
     length = -(-n // 128) * 128
     block = next(size for size in SPLASH_BLOCKS if length % size == 0)
@@ -223,11 +250,13 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, interp
         ),
         interpret=interpret,
     )
-    segments = splash_kernel.SegmentIds(
-        q=jnp.zeros((length,), jnp.int32), kv=(jnp.arange(length) >= n).astype(jnp.int32)
-    )
-    per_head = lambda q, k, v: kernel(q, k, v, segment_ids=segments)  # [g, T, d], [T, d]
-    out = jax.vmap(jax.vmap(per_head))(q, k, v)  # over b, then kv heads
+    segments = jnp.pad(segments.astype(jnp.int32), ((0, 0), (0, length - n)), constant_values=-1)
+
+    def per_example(q, k, v, segments):  # [kv, g, T, d], [kv, T, d], [T]
+        ids = splash_kernel.SegmentIds(q=segments, kv=segments)
+        return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
+
+    out = jax.vmap(per_example)(q, k, v, segments)
     return out[:, :, :, :n]
 
 
@@ -250,7 +279,7 @@ class Attention(nn.Module):
         self,
         x: jax.Array,  # [batch, seq, embed]
         positions: jax.Array | None = None,  # [batch, seq]
-        valid: jax.Array | None = None,  # [batch, seq] bool; False keys are never attended
+        segments: jax.Array | None = None,  # [batch, seq] int: segment ids (module docstring)
         decode: bool = False,  # append k/v to the "cache" collection and attend over it
     ) -> jax.Array:
         if self.num_heads % self.num_kv_heads:
@@ -284,47 +313,51 @@ class Attention(nn.Module):
         k, v = (rearrange(a, "b s k d -> b k s d") for a in (k, v))
         seq = x.shape[1]
         query_slots = key_slots = jnp.arange(seq)
-        padded = valid is not None
-        if valid is None:
-            valid = jnp.ones(x.shape[:2], bool)
+        kernel = self.kernel.choose(self.dtype, segments is not None, decode)
+        query_segments = key_segments = segments
         if decode:
-            k, v, valid, query_slots = self._append_to_cache(k, v, valid)
-            key_slots = jnp.arange(k.shape[2])
-        kernel = self.kernel.choose(self.dtype, padded, decode)
+            if segments is None:
+                segments = jnp.ones(x.shape[:2], jnp.int32)
+            k, v, key_segments, query_slots = self._append_to_cache(k, v, segments)
+            query_segments, key_slots = segments, jnp.arange(k.shape[2])
         if kernel == "cudnn":
             out = cudnn_attention(q, k, v, self.causal)
         elif kernel == "splash":
             out = splash_attention(
-                q, k, v, self.causal, interpret=self.kernel.resolved_platform != "tpu"
+                q, k, v, segments, self.causal, interpret=self.kernel.resolved_platform != "tpu"
             )
         else:
             out = xla_attention(
-                q, k, v, query_slots, key_slots, valid, self.causal, self.kernel.query_chunk
+                q, k, v, query_slots, key_slots, query_segments, key_segments, self.causal,
+                self.kernel.query_chunk,
             )
         out = rearrange(out, "b k g q d -> b q (k g d)")
         return layers.dense(
             hidden, ("heads", "embed"), use_bias=self.out_bias, name="o_proj", dtype=self.dtype
         )(out)
 
-    def _append_to_cache(self, k: jax.Array, v: jax.Array, valid: jax.Array):
+    def _append_to_cache(self, k: jax.Array, v: jax.Array, segments: jax.Array):
         """Writes this call's keys/values at the cache's write index and returns the whole
-        cache: k, v [b, kv, max_len, d], key validity [b, max_len], and the query slots [seq]
+        cache: k, v [b, kv, max_len, d], key segments [b, max_len], and the query slots [seq]
         (k, v come in as [b, kv, seq, d]).
 
         The cache's length is fixed by the input length at `init` (decoding's max length);
-        slots not yet written are invalid, so they are never attended.
+        slots not yet written are in segment 0 (the pads'), which a prompt's and a decoded
+        token's queries (segment 1) never attend, and which lie after every pad (causal).
         """
         initializing = not self.has_variable("cache", "key")
         cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
         cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
-        cached_valid = self.variable("cache", "valid", jnp.zeros, valid.shape, bool)
+        cached_segments = self.variable("cache", "segments", jnp.zeros, segments.shape, jnp.int32)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         seq = k.shape[2]
         if initializing:
-            return k, v, valid, jnp.arange(seq)
+            return k, v, segments, jnp.arange(seq)
         start = index.value
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, 0, start, 0))
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, 0, start, 0))
-        cached_valid.value = jax.lax.dynamic_update_slice(cached_valid.value, valid, (0, start))
+        cached_segments.value = jax.lax.dynamic_update_slice(
+            cached_segments.value, segments.astype(jnp.int32), (0, start)
+        )
         index.value = start + seq
-        return cached_k.value, cached_v.value, cached_valid.value, start + jnp.arange(seq)
+        return cached_k.value, cached_v.value, cached_segments.value, start + jnp.arange(seq)

@@ -92,7 +92,7 @@ class DecoderBlock(nn.Module):
         self,
         x: jax.Array,
         positions: jax.Array,
-        valid: jax.Array | None,
+        segments: jax.Array | None,
         deterministic: bool,
         decode: bool = False,
     ) -> tuple[jax.Array, dict | None]:
@@ -111,7 +111,7 @@ class DecoderBlock(nn.Module):
             dtype=self.dtype,
             kernel=self.attention,
             name="attn",
-        )(h, positions, valid, decode)
+        )(h, positions, segments, decode)
         dropout = nn.Dropout(cfg.residual_dropout, deterministic=deterministic)
         attn = dropout(attn)
         if not cfg.parallel_block:
@@ -122,7 +122,8 @@ class DecoderBlock(nn.Module):
         )
         stats = None
         if self.use_moe:
-            ffn, stats = MoELayer(cfg.moe, ffn_cfg, self.dtype, name="moe")(h, deterministic)
+            real = None if segments is None else segments > 0  # pads take no expert capacity
+            ffn, stats = MoELayer(cfg.moe, ffn_cfg, self.dtype, name="moe")(h, deterministic, real)
         else:
             ffn = MLP(ffn_cfg, self.dtype, name="mlp")(h)
         ffn = dropout(ffn)
@@ -131,8 +132,8 @@ class DecoderBlock(nn.Module):
 
 
 class DecoderUnit(nn.Module):
-    """The blocks of one scanned unit, applied in turn: (x, positions, valid, deterministic,
-    decode) -> (x, the MoE blocks' statistics). `kinds[j]`: whether block j is MoE."""
+    """The blocks of one scanned unit, applied in turn: (x, positions, segments,
+    deterministic, decode) -> (x, the MoE blocks' statistics). `kinds[j]`: whether block j is MoE."""
 
     config: DecoderConfig
     kinds: tuple[bool, ...]
@@ -145,7 +146,7 @@ class DecoderUnit(nn.Module):
         self,
         x: jax.Array,
         positions: jax.Array,
-        valid: jax.Array | None,
+        segments: jax.Array | None,
         deterministic: bool,
         decode: bool,
     ) -> tuple[jax.Array, tuple[dict | None, ...]]:
@@ -155,7 +156,7 @@ class DecoderUnit(nn.Module):
         stats = []
         for j, use_moe in enumerate(self.kinds):
             x, s = block(self.config, use_moe, self.dtype, self.attention, name=f"block_{j}")(
-                x, positions, valid, deterministic, decode
+                x, positions, segments, deterministic, decode
             )
             stats.append(s)
         return x, tuple(stats)
@@ -171,7 +172,7 @@ def remat_block(remat: str, prevent_cse: bool = True) -> type[nn.Module]:
 
 
 def rematerialised(module: type[nn.Module], policy, prevent_cse: bool) -> type[nn.Module]:
-    """A block or unit (x, positions, valid, deterministic, decode) under `jax.checkpoint`;
+    """A block or unit (x, positions, segments, deterministic, decode) under `jax.checkpoint`;
     arguments 4, 5 (self = 0) are the Python bools `deterministic` and `decode`."""
     return nn.remat(module, policy=policy, static_argnums=(4, 5), prevent_cse=prevent_cse)
 
@@ -238,7 +239,7 @@ class Decoder(nn.Module):
         self,
         x: jax.Array,
         positions: jax.Array,
-        valid: jax.Array | None = None,
+        segments: jax.Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
         head: bool = True,
@@ -251,7 +252,7 @@ class Decoder(nn.Module):
         per_segment = []
         for segment in self.plan:
             module = getattr(self, segment.name)
-            x, stats = module(x, positions, valid, deterministic, decode)
+            x, stats = module(x, positions, segments, deterministic, decode)
             if not segment.scanned:  # one block: its stats as a stack of one layer
                 stats = (jax.tree.map(lambda v: v[None], stats),)
             for member, member_stats in enumerate(stats):  # member j's, stacked over repeats

@@ -60,9 +60,11 @@ def layer_plans(config: LVLMConfig) -> scan.Plans:
 def splice_image_features(
     embeds: jax.Array, input_ids: jax.Array, features: jax.Array
 ) -> jax.Array:
-    """Replaces placeholder positions of embeds [b, t, d] with features [b, n, d] in order.
+    """Replaces placeholder positions of embeds [b, t, d] with features [b, m * n, d] (a row's
+    m image slots of n tokens each) in order.
 
-    Row b must hold exactly n placeholders or none (text-only sample); the pipeline checks it.
+    Row b must hold a whole number of images' placeholders, at most m (a text-only sample:
+    none; a packed row: its examples' images in order); the pipeline checks it.
     """
     is_image = input_ids == IMAGE_TOKEN_INDEX  # [b, t]
     index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)  # [b, t]
@@ -97,25 +99,28 @@ class MoELLaVA(nn.Module):
         images: jax.Array | None,
         deterministic: bool = True,
         positions: jax.Array | None = None,
-        valid: jax.Array | None = None,
+        segments: jax.Array | None = None,
         decode: bool = False,
         head: bool = True,
     ) -> tuple[jax.Array, dict]:
-        """input_ids [b, t] (placeholders = IMAGE_TOKEN_INDEX), images [b, H, W, 3] or None
-        (no placeholders in input_ids: a decoding step) -> logits [b, t, vocab], MoE stats.
+        """input_ids [b, t] (placeholders = IMAGE_TOKEN_INDEX), images [b, H, W, 3] (one per
+        row), [b, m, H, W, 3] (m slots per row: packed rows) or None (no placeholders in
+        input_ids: a decoding step) -> logits [b, t, vocab], MoE stats.
 
-        positions [b, t] default to 0..t-1 and valid [b, t] to all-True; left-padded
-        batches pass both. `decode` appends to the attention KV cache ("cache" collection).
+        positions [b, t] default to 0..t-1 and segments [b, t] (`models/attention.py`) to
+        one sequence per row; left-padded and packed batches pass both. `decode` appends to the attention KV cache ("cache" collection).
         `head=False` returns the final-normed hidden states [b, t, d] instead of the logits
         (`logits` maps them; `answer_loss.py` applies it to the supervised positions only).
         """
         embeds = self.decoder.embed(input_ids)
         if images is not None:
-            features = self.projector(self.vision(images))  # [b, n, d]
+            slots = images.reshape(-1, *images.shape[-3:])  # [b m, H, W, 3]
+            features = self.projector(self.vision(slots))  # [b m, n, d]
+            features = features.reshape(embeds.shape[0], -1, features.shape[-1])  # [b, m n, d]
             embeds = splice_image_features(embeds, input_ids, features)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        return self.decoder(embeds, positions, valid, deterministic, decode, head)
+        return self.decoder(embeds, positions, segments, deterministic, decode, head)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden states [..., d] -> f32 logits [..., vocab] (the LM head)."""

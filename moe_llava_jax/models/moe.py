@@ -132,10 +132,28 @@ class Routing(NamedTuple):
     dropped_fraction: jax.Array  # []: fraction of (token, choice) assignments dropped
 
 
+def masked_mean(x: jax.Array, weights: jax.Array | None, axis) -> jax.Array:
+    """float32 mean of x over `axis`, counting only where weights (broadcast to x) are 1."""
+    if weights is None:
+        return jnp.mean(x, axis=axis, dtype=jnp.float32)
+    x = x.astype(jnp.float32)
+    weights = jnp.broadcast_to(weights, x.shape).astype(jnp.float32)
+    return jnp.sum(x * weights, axis=axis) / jnp.maximum(jnp.sum(weights, axis=axis), 1)
+
+
 def route_top_k(
-    logits: jax.Array, top_k: int, capacity: int, noise_rng: jax.Array | None = None
+    logits: jax.Array,
+    top_k: int,
+    capacity: int,
+    noise_rng: jax.Array | None = None,
+    real: jax.Array | None = None,
 ) -> Routing:
-    """Top-k gating with capacity, on router logits [groups, tokens, experts] (fp32)."""
+    """Top-k gating with capacity, on router logits [groups, tokens, experts] (fp32).
+
+    `real` [groups, tokens] bool marks the tokens that are not padding (None: all are): a
+    pad takes no capacity slot, gets gate 0 (it is dropped, uncounted) and is left out of
+    every mean (f_e, P_e, z-loss, entropy, load, dropped fraction), so routing a packed row
+    routes its examples' tokens as if the pads were not there."""
     num_experts = logits.shape[-1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
@@ -152,30 +170,34 @@ def route_top_k(
         choices.append(choice)
     expert_index = jnp.stack(choices, axis=-1).astype(jnp.int32)  # [g, s, k]
     onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [g, s, k, e]
+    if real is not None:
+        onehot = onehot * real[:, :, None, None]  # a pad chooses nothing
 
     # Queue order per expert: every token's 1st choice (token order), then 2nd choices, ...
     queue = rearrange(onehot, "g s k e -> g (k s) e")
     position = rearrange(jnp.cumsum(queue, axis=1) - 1, "g (k s) e -> g s k e", k=top_k)
     slot = jnp.sum(position * onehot, axis=-1)  # [g, s, k]
-    kept = slot < capacity
+    kept = slot < capacity if real is None else (slot < capacity) & real[:, :, None]
 
     gate = jnp.take_along_axis(probs, expert_index, axis=-1) * kept  # [g, s, k]
     if top_k > 1:
         gate = gate / jnp.maximum(gate.sum(-1, keepdims=True), jnp.finfo(gate.dtype).eps)
 
-    top1_fraction = onehot[:, :, 0].astype(jnp.float32).mean(axis=1)  # f_e: [g, e]
-    mean_prob = probs.mean(axis=1)  # P_e: [g, e]
+    per_token = None if real is None else real[:, :, None]  # [g, s, 1]
+    top1_fraction = masked_mean(onehot[:, :, 0].astype(jnp.float32), per_token, 1)  # f_e [g, e]
+    mean_prob = masked_mean(probs, per_token, 1)  # P_e: [g, e]
     aux_loss = jnp.mean(num_experts * jnp.sum(top1_fraction * mean_prob, axis=-1))
     log_probs = jax.nn.log_softmax(logits, axis=-1)  # [g, s, e]
+    per_choice = None if real is None else real[:, :, None, None]  # [g, s, 1, 1]
     return Routing(
         expert_index=expert_index,
         slot=jnp.where(kept, slot, capacity),
         gate=gate,
         aux_loss=aux_loss,
-        z_loss=jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
-        entropy=jnp.mean(-jnp.sum(probs * log_probs, axis=-1)),
-        expert_load=onehot.astype(jnp.float32).mean(axis=(0, 1, 2)),
-        dropped_fraction=jnp.mean(~kept, dtype=jnp.float32),
+        z_loss=masked_mean(jax.nn.logsumexp(logits, axis=-1) ** 2, real, None),
+        entropy=masked_mean(-jnp.sum(probs * log_probs, axis=-1), real, None),
+        expert_load=masked_mean(onehot.astype(jnp.float32), per_choice, (0, 1, 2)),
+        dropped_fraction=masked_mean(~kept, per_token, None),
     )
 
 
@@ -280,7 +302,11 @@ class MoELayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, dict]:
+    def __call__(
+        self, x: jax.Array, deterministic: bool, real: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        """x [b, t, d], real [b, t] bool (None: no padding; `route_top_k`) -> [b, t, d],
+        router statistics."""
         cfg = self.config
         if cfg.dispatch not in DISPATCH_MODES:
             raise ValueError(
@@ -319,7 +345,9 @@ class MoELayer(nn.Module):
             )
         noise = cfg.eval_second_expert_noise if deterministic else cfg.second_expert_noise
         rng = self.make_rng("gating") if noise and cfg.top_k > 1 else None
-        routing = route_top_k(logits, cfg.top_k, capacity, rng)
+        if real is not None:
+            real = rearrange(real, "(g b) t -> g (b t)", g=num_groups)
+        routing = route_top_k(logits, cfg.top_k, capacity, rng, real)
         # Free unless "intermediates" is mutable: the routing analysis reads it.
         self.sow("intermediates", "expert_index", routing.expert_index)
 
