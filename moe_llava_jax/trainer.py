@@ -35,6 +35,7 @@ from moe_llava_jax.evaluate import pope, routing
 from moe_llava_jax.evaluate.run_pope import evaluate_pope
 from moe_llava_jax.generate import CachedDecoder
 from moe_llava_jax.models import scan
+from moe_llava_jax.models.dropless import check_exchange
 from moe_llava_jax.models.moe import GROUPINGS, moe_layer_indices
 from moe_llava_jax.metrics_log import StageLog, Throughput
 from moe_llava_jax.preemption import PreemptionWatch
@@ -62,6 +63,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if moe.groups not in GROUPINGS:
         raise ValueError(f"config key model.moe.groups={moe.groups!r}: expected one of {GROUPINGS}")
+    check_exchange(moe.exchange, moe.receive_factor)
     first = next(iter(build.stage_names(config)), None)
     if first and config.model.get("init_from_hf", ""):
         build.check_release_start(config, first)

@@ -145,6 +145,8 @@ def test_missing_init_from_names_the_command(micro_config):
         ("workdir", "gs://bucket/run", "workdir='gs://bucket/run'.*gcsfuse"),
         ("upcycle.mode", "clone", "upcycle.mode='clone'"),
         ("data.packing", "best_fit", "data.packing='best_fit'"),
+        ("model.moe.exchange", "sparse", "model.moe.exchange='sparse'"),
+        ("model.moe.receive_factor", 0.0, "model.moe.receive_factor=0.0"),
     ],
 )
 def test_bad_config_values_fail_naming_the_key(micro_config, key, value, match):

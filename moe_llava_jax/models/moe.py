@@ -28,7 +28,8 @@ Two dispatch modes (`MoEConfig.dispatch`), same router, gates and statistics:
   when nothing is dropped). The (token, choice) assignments are sorted by expert and the
   experts run as grouped matmuls over the sorted rows, so the FLOPs are the routed ones;
   with an `expert` mesh axis, tokens travel to their experts' devices by all-to-all
-  (`dropless.py`).
+  (`dropless.py`); a "ragged" exchange bounds the receive buffers and drops (and counts in
+  dropped_fraction) the rows past them.
 Both modes read the same expert params [E, ...] (declared by the vmapped `MLP`) and compute
 them with the same `mlp.ffn_apply` (capacity: through `pieced_ffn`), so checkpoints and
 upcycling do not depend on the mode.
@@ -79,6 +80,11 @@ class MoEConfig:
     layers: str = "sparse"  # a PLACEMENTS name or comma-separated layer indices, e.g. "0,3"
     shared_expert: bool = False  # an always-on dense FFN added to the routed output
     dispatch: str = "capacity"  # a DISPATCH_MODES name: "dropless" computes every choice
+    # Dropless over an `expert` mesh axis: "dense" all-to-all of worst-case buffers, or
+    # "ragged" (only the routed rows, into receive buffers of receive_factor x a device's
+    # balanced share; rows past them dropped and counted). `models/dropless.py`.
+    exchange: str = "dense"
+    receive_factor: float = 2.0
     # Capacity dispatch: the experts' backward runs this many slices of their mlp axis one
     # after another (`pieced_ffn.py`: same numbers, ~1/pieces of the [g, E, C, F] temporaries).
     backward_pieces: int = 1
@@ -370,13 +376,16 @@ class MoELayer(nn.Module):
         if cfg.dispatch == "dropless":
             # Groups only matter to capacity: (g (b t)) flattens like ((g b) t).
             choices = x.shape[:2] + (cfg.top_k,)  # [b, t, k]
-            out = routed_experts(  # [b, t, d]
+            out, overflow = routed_experts(  # [b, t, d]
                 x.astype(self.dtype),
                 routing.expert_index.reshape(choices),
                 routing.gate.reshape(choices),
                 params,
                 self.ffn,
+                cfg.exchange,
+                cfg.receive_factor,
             )
+            routing = routing._replace(dropped_fraction=routing.dropped_fraction + overflow)
         else:
             tokens = tokens.astype(self.dtype)
             buffers = dispatch(tokens, routing, cfg.num_experts, capacity)  # [g, E, C, d]
