@@ -212,6 +212,8 @@ def moe_tuning_config(
         # source's records bad fails the run at once, showing the first ones.
         "max_bad_fraction": 0.01,
         "workers": 0,  # grain worker processes building examples (0: threads of this process)
+        # Reader threads of this process (0: half the cores it may run on, within [2, 16]).
+        "reader_threads": 0,
         # Rows: "none" (an example each, right-padded to the stage's max_length), "bucket"
         # (an example each, every batch padded to the shortest of `buckets` evenly spaced
         # lengths that holds it, grouped over bucket_window batches; one process) or

@@ -215,6 +215,7 @@ class StageModel:
             global_batch_size=self.stage_cfg.batch_size,
             seed=self.config.seed,
             workers=self.config.data.workers,
+            reader_threads=self.config.data.reader_threads,
             packing=self.packing,
         )
 

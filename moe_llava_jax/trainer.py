@@ -113,6 +113,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             )
     image_ops.get_image_processor(config.model.image_processor)
     build.packing(config)
+    for key in ("workers", "reader_threads"):
+        if config.data[key] < 0:
+            raise ValueError(f"config key data.{key}={config.data[key]} must be >= 0")
 
 
 def checkpoint_dir(config: ml_collections.ConfigDict, stage: str) -> Path:

@@ -146,6 +146,7 @@ def test_missing_init_from_names_the_command(micro_config):
         ("upcycle.mode", "clone", "upcycle.mode='clone'"),
         ("data.packing", "best_fit", "data.packing='best_fit'"),
         ("model.moe.exchange", "sparse", "model.moe.exchange='sparse'"),
+        ("data.reader_threads", -1, "data.reader_threads=-1"),
         ("model.moe.receive_factor", 0.0, "model.moe.receive_factor=0.0"),
     ],
 )

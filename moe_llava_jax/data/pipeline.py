@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -282,6 +283,13 @@ class SkipLog:
         return False
 
 
+def default_reader_threads() -> int:
+    """Half the cores this process may run on (its CPU affinity: what SLURM or a container
+    gives it, not the whole host's), within [2, 16]: decoding and preprocessing images
+    release the GIL, and the other half stays with the training loop and XLA."""
+    return max(2, min(16, len(os.sched_getaffinity(0)) // 2))
+
+
 def training_dataset(
     source: Sequence,
     tokenizer: Tokenizer,
@@ -292,6 +300,7 @@ def training_dataset(
     global_batch_size: int,
     seed: int,
     workers: int = 0,
+    reader_threads: int = 0,
     packing: Packing = Packing(),
 ) -> grain.IterDataset:
     """Infinite dataset of this process's share of each global batch (numpy dicts).
@@ -300,7 +309,8 @@ def training_dataset(
     global batch of B consecutive stream records — the rows its devices hold — so a global
     batch has the same records in the same order whatever the number of processes (as long
     as no record is skipped), and a multi-host run computes what a single host would.
-    Examples are built in `workers` processes (0: reader threads of this process); skip
+    Examples are built in `workers` processes (0: `reader_threads` threads of this process,
+    `default_reader_threads` when 0); skip
     markers are filtered (and logged) here, after the workers, in this process. Packed rows
     are this process's records packed (`pack_first_fit`): which examples share a row then
     depends on the number of processes. Buckets take one process (every process's batch
@@ -328,7 +338,11 @@ def training_dataset(
         .map(
             lambda position: example_or_skip(position, stream[position], tokenizer, template, prep)
         )
-        .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
+        .to_iter_dataset(
+            grain.ReadOptions(
+                num_threads=reader_threads or default_reader_threads(), prefetch_buffer_size=8
+            )
+        )
     )
     if workers:
         examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
