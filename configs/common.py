@@ -142,9 +142,10 @@ def stage(
             # in the step (same update, 1/grad_accum_steps of the activation memory)
             "grad_accum_steps": 1,
             # The LM head + CE run on at most loss_budget supervised (answer) positions per
-            # example, loss_chunk positions at a time: no [batch, seq, vocab] logits. A batch
+            # row, loss_chunk positions at a time: no [batch, seq, vocab] logits. A batch
             # with a longer answer computes every position instead (exact; logged as
-            # loss_over_budget). 0: every position. See moe_llava_jax/answer_loss.py.
+            # loss_over_budget). 0: every position. See moe_llava_jax/answer_loss.py. A
+            # packed row (data.packing=first_fit) holds several examples' answers: raise it.
             "loss_budget": 0,
             "loss_chunk": 128,
             "warmup_ratio": 0.03,
