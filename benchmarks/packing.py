@@ -10,11 +10,11 @@ component has images (all but ShareGPT). The per-component mean text lengths are
 recipe's 2,624 positions, the figure issue 15 quotes. The rows are made by the pipeline's own
 code: `pipeline.pack_first_fit` (grain's first-fit packer) and `bucketing.window_batches`.
 
-Printed per mode (`none`, `bucket` at 4 lengths, `first_fit/BINSxSLOTS` at several bin counts
-and image slots per row): rows per epoch of the drawn examples, the padded share of the positions the
-linear layers compute, the share of the attention score work (T^2 per row: the xla path and
-splash compute every segment-masked block of a row) that falls outside the examples' own
-causal triangles, and the share of vision-tower runs spent on empty image slots or on the
+Printed per mode (`none`, `bucket` at 4 lengths, `first_fit/BINSxSLOTS` at several bin
+counts and image slots per row): rows per epoch of the drawn examples, the padded share of
+the positions the linear layers compute, the share of the attention score work (T^2 per
+row: the xla path and splash compute every segment-masked block of a row) that falls
+outside the examples' own n^2 squares, and the share of vision-tower runs spent on empty image slots or on the
 zero image of a text-only row.
 """
 
@@ -102,14 +102,18 @@ def measure(examples: int, batch: int, seed: int) -> dict:
             longest = window[members].max()
             batch_lengths += [buckets[np.searchsorted(buckets, longest)]] * batch
     results["bucket"] = report(
-        len(batch_lengths), np.array(batch_lengths), lengths[:whole], whole, int(has_image[:whole].sum())
+        len(batch_lengths),
+        np.array(batch_lengths),
+        lengths[:whole],
+        whole,
+        int(has_image[:whole].sum()),
     )
     prep = Preprocessing(1, image_ops.get_image_processor("clip"), False, IMAGE_TOKENS, MAX_LENGTH)
     stand_ins = stand_in_examples(text, has_image)
     for bins, slots in ((16, 4), (64, 4), (256, 4), (64, 3)):
         packing = Packing("first_fit", bins=bins, image_slots=slots)
-        packer = pack_first_fit(grain.MapDataset.source(stand_ins).to_iter_dataset(), prep, 0, packing)
-        rows = list(packer)
+        stream = grain.MapDataset.source(stand_ins).to_iter_dataset()
+        rows = list(pack_first_fit(stream, prep, 0, packing))
         segment_lengths = np.concatenate(
             [np.bincount(row["segments"])[1:] for row in rows]
         )

@@ -95,7 +95,8 @@ def test_rows_hold_every_example_whole_in_order_with_its_images():
                 slot += 1
             found.append(index)
         pads = row["segments"] == 0
-        assert (row["labels"][pads] == IGNORE_INDEX).all() and (row["input_ids"][pads] == PAD_ID).all()
+        assert (row["labels"][pads] == IGNORE_INDEX).all()
+        assert (row["input_ids"][pads] == PAD_ID).all()
         assert not row["images"][slot:].any()
     assert sorted(found) == list(range(len(items)))  # none lost, none twice
     assert len(rows) < len(items) / 2  # rows really hold several examples
@@ -122,16 +123,23 @@ def test_a_packed_batch_gives_the_examples_hidden_states_loss_and_gradients():
     packed = list(packed_rows(items, Packing("first_fit", bins=4, image_slots=2)))
     packed = {k: np.stack([row[k] for row in packed]) for k in packed[0]}
     unpacked = [padded_example(x, T, PAD_ID) for x in items]
-    unpacked = {k: np.stack([row[k] for row in unpacked]) for k in ("input_ids", "labels", "images")}
+    unpacked = {
+        k: np.stack([row[k] for row in unpacked]) for k in ("input_ids", "labels", "images")
+    }
     assert len(packed["input_ids"]) < len(items)
     model = MoELLaVA(CONFIG)
-    params = nn.unbox(model.init(jax.random.key(0), unpacked["input_ids"][:1], unpacked["images"][:1])["params"])
+    variables = model.init(jax.random.key(0), unpacked["input_ids"][:1], unpacked["images"][:1])
+    params = nn.unbox(variables["params"])
 
     @jax.jit
     def hidden(batch):
         return model.apply(
-            {"params": params}, batch["input_ids"], batch["images"], positions=batch.get("positions"),
-            segments=batch.get("segments"), head=False,
+            {"params": params},
+            batch["input_ids"],
+            batch["images"],
+            positions=batch.get("positions"),
+            segments=batch.get("segments"),
+            head=False,
         )[0]
 
     packed_hidden, unpacked_hidden = hidden(packed), hidden(unpacked)
@@ -141,7 +149,10 @@ def test_a_packed_batch_gives_the_examples_hidden_states_loss_and_gradients():
             ids = packed["input_ids"][row, where]
             index = next(i for i, x in enumerate(items) if np.array_equal(x["input_ids"], ids))
             np.testing.assert_allclose(
-                packed_hidden[row, where], unpacked_hidden[index, : len(where)], rtol=1e-5, atol=1e-5
+                packed_hidden[row, where],
+                unpacked_hidden[index, : len(where)],
+                rtol=1e-5,
+                atol=1e-5,
             )
 
     @jax.jit
@@ -156,10 +167,14 @@ def test_a_packed_batch_gives_the_examples_hidden_states_loss_and_gradients():
 
     packed_loss, packed_tokens, packed_grads = loss_and_grads(packed)
     loss, tokens, grads = loss_and_grads(unpacked)
-    assert int(packed_tokens) == int(tokens) == sum(int((x["labels"][1:] != IGNORE_INDEX).sum()) for x in items)
+    answers = sum(int((x["labels"][1:] != IGNORE_INDEX).sum()) for x in items)
+    assert int(packed_tokens) == int(tokens) == answers
     np.testing.assert_allclose(packed_loss, loss, rtol=1e-5)
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(packed_grads), jax.tree.leaves(grads)):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    paths_and_grads = jax.tree_util.tree_leaves_with_path(packed_grads)
+    for (path, got), want in zip(paths_and_grads, jax.tree.leaves(grads)):
+        np.testing.assert_allclose(
+            got, want, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def test_bucket_batches_pad_to_the_shortest_bucket_and_resume_exactly():

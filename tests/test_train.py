@@ -167,13 +167,15 @@ def test_non_finite_updates_are_skipped_then_the_run_saves_and_stops(micro_confi
     reads metrics a step behind — the stage saves the step after them and stops."""
     micro_config.stage1.update(lr=1e30, num_steps=12, warmup_ratio=0.0)
     micro_config.max_nonfinite_steps = 3
-    with pytest.raises(trainer.NonFiniteLossError, match=r"3 steps in a row \(up to step (\d+)\)") as error:
+    streak_message = r"3 steps in a row \(up to step (\d+)\)"
+    with pytest.raises(trainer.NonFiniteLossError, match=streak_message) as error:
         run_stage(micro_config, "stage1")
     logged = stage_metrics(micro_config, "stage1")
     streaks = [m["nonfinite_streak"] for m in logged]
     last = logged[-1]["step"]
     assert streaks[-4:] == [1, 2, 3, 4] and logged[-1]["nonfinite_total"] == 4
-    assert f"up to step {last - 1}" in str(error.value) and f"saved at step {last}" in str(error.value)
+    assert f"up to step {last - 1}" in str(error.value)
+    assert f"saved at step {last}" in str(error.value)
     assert last < 12  # stopped early
     ckpt = trainer.checkpoint_dir(micro_config, "stage1")
     assert last in [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]

@@ -28,7 +28,9 @@ def bucket_lengths(max_length: int, count: int) -> tuple[int, ...]:
     return tuple(sorted(set(lengths)))
 
 
-def window_batches(sizes: Sequence[int], lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+def window_batches(
+    sizes: Sequence[int], lengths: Sequence[int], batch_size: int
+) -> list[list[int]]:
     """A window's examples (their token counts, stream order; a multiple of batch_size) ->
     batches as lists of example indices, in the order they are emitted (by first example)."""
     by_bucket: dict[int, list[int]] = {}
@@ -58,7 +60,8 @@ class BucketBatchIterDataset(grain.IterDataset):
         pad: Callable[[Mapping, int], dict],
     ):
         super().__init__(parent)
-        self.lengths, self.batch_size, self.window, self.pad = tuple(lengths), batch_size, window, pad
+        self.lengths, self.batch_size = tuple(lengths), batch_size
+        self.window, self.pad = window, pad
 
     def __iter__(self) -> grain.DatasetIterator:
         return _BucketBatchIterator(self._parent.__iter__(), self)

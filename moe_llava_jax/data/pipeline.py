@@ -310,8 +310,8 @@ def training_dataset(
     batch has the same records in the same order whatever the number of processes (as long
     as no record is skipped), and a multi-host run computes what a single host would.
     Examples are built in `workers` processes (0: `reader_threads` threads of this process,
-    `default_reader_threads` when 0); skip
-    markers are filtered (and logged) here, after the workers, in this process. Packed rows
+    `default_reader_threads` when 0); skip markers are filtered (and logged) here, after the
+    workers, in this process. Packed rows
     are this process's records packed (`pack_first_fit`): which examples share a row then
     depends on the number of processes. Buckets take one process (every process's batch
     would need the same length).

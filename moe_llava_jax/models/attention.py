@@ -196,10 +196,10 @@ def splash_attention(
     interpret: bool,
 ) -> jax.Array:
     """q [b, kv, g, n, d], k / v [b, kv, n, d], segments [b, n] or None -> out
-    [b, kv, g, n, d] by Pallas's splash
-    kernel (its MQA form per kv head: g query heads over one k, v), one example and kv head
-    per kernel call (vmapped), each device on its own share of the batch and heads
-    (`shard_map` over the axes the context mesh splits them on)."""
+    [b, kv, g, n, d] by Pallas's splash kernel (its MQA form per kv head: g query heads over
+    one k, v), one example and kv head per kernel call (vmapped), each device on its own
+    share of the batch and heads (`shard_map` over the axes the context mesh splits them
+    on)."""
     mesh = jax.sharding.get_abstract_mesh()
     batch_axes = _dividing_axes(mesh, "batch", q.shape[0])
     head_axes = _dividing_axes(mesh, "heads", q.shape[1])

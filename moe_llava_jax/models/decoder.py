@@ -133,7 +133,8 @@ class DecoderBlock(nn.Module):
 
 class DecoderUnit(nn.Module):
     """The blocks of one scanned unit, applied in turn: (x, positions, segments,
-    deterministic, decode) -> (x, the MoE blocks' statistics). `kinds[j]`: whether block j is MoE."""
+    deterministic, decode) -> (x, the MoE blocks' statistics). `kinds[j]`: whether block j
+    is MoE."""
 
     config: DecoderConfig
     kinds: tuple[bool, ...]

@@ -108,7 +108,8 @@ class MoELLaVA(nn.Module):
         input_ids: a decoding step) -> logits [b, t, vocab], MoE stats.
 
         positions [b, t] default to 0..t-1 and segments [b, t] (`models/attention.py`) to
-        one sequence per row; left-padded and packed batches pass both. `decode` appends to the attention KV cache ("cache" collection).
+        one sequence per row; left-padded and packed batches pass both. `decode` appends to
+        the attention KV cache ("cache" collection).
         `head=False` returns the final-normed hidden states [b, t, d] instead of the logits
         (`logits` maps them; `answer_loss.py` applies it to the supervised positions only).
         """
