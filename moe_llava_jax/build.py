@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import flax.linen as nn
@@ -242,18 +243,13 @@ class StageModel:
         return init_variables(self.model, self.dummy, rng)
 
     def random_params(self) -> dict:
-        init = jax.jit(
-            lambda rng: nn.unbox(self.init_variables(rng)["params"]),
-            out_shardings=self.param_shardings,
-        )
-        return init(jax.random.key(self.config.seed))
+        return self.assemble({}, upcycle=False)
 
     def fresh_params(self) -> dict:
         """Random init, with what `model.vision_from`, `model.llm_from`, `model.init_from_hf`
         (a release's decoder and projector) and `model.projector_from` (a stage-1 release's
         projector) name loaded over it; a dense pretrained LLM is upcycled when this stage's
         model is MoE."""
-        params = self.random_params()
         model = self.config.model
         pretrained, dense_decoder = {}, True
         if model.vision_from:
@@ -276,33 +272,44 @@ class StageModel:
                 self.model_cfg.decoder.hidden_size,
             )
         if not pretrained:
-            return params
+            return self.random_params()
         if "decoder" in pretrained and not self.model_cfg.decoder.lm_head_bias:
             pretrained["decoder"]["lm_head"].pop("bias", None)  # model.drop_lm_head_bias
-        canonical = self.canonical(params)
-        merged = {**canonical, **pretrained}
-        if self.model_cfg.decoder.moe is not None and "decoder" in pretrained and dense_decoder:
-            return self.upcycle(merged, canonical)
-        return jax.device_put(scan.stack_layers(merged, self.plans), self.param_shardings)
+        return self.assemble(pretrained, upcycle="decoder" in pretrained and dense_decoder)
 
-    def upcycle(self, dense_params: dict, moe_init: dict) -> dict:
-        """Dense params -> this stage's MoE params (model layout, sharded) as
-        `config.upcycle` says; both inputs in the canonical layout (`canonical`)."""
+    def assemble(self, pretrained: dict, *, upcycle: bool) -> dict:
+        """`assembly(upcycle)` applied to `pretrained`."""
+        return self.assembly(upcycle)(pretrained)
+
+    def assembly(self, upcycle: bool) -> Callable[[dict], dict]:
+        """The jitted `pretrained -> params` of `assemble`: this stage's params (model layout,
+        sharded): `pretrained` (canonical layout, some of the top-level subtrees) over a fresh
+        init of the rest, its dense decoder upcycled as `config.upcycle` says when `upcycle`
+        (and this stage is MoE).
+
+        One jitted call that traces the init: XLA computes only the random params that
+        survive (what `pretrained` lacks, the routers), so no second random tree (at
+        stage 3: a whole random MoE model) is ever held beside the real one."""
         up = self.config.upcycle
+        upcycle = upcycle and self.model_cfg.decoder.moe is not None
 
-        def upcycle(dense: dict, init: dict, rng: jax.Array) -> dict:
-            moe = upcycling.upcycle(
-                dense,
-                init,
-                rng,
-                mode=up.mode,
-                noise_scale=up.noise_scale,
-                drop_fraction=up.drop_fraction,
+        def assemble(pretrained: dict) -> dict:
+            init = self.canonical(
+                nn.unbox(self.init_variables(jax.random.key(self.config.seed))["params"])
             )
-            return scan.stack_layers(moe, self.plans)
+            merged = {**init, **pretrained}
+            if upcycle:
+                merged = upcycling.upcycle(
+                    merged,
+                    init,
+                    jax.random.key(up.seed),
+                    mode=up.mode,
+                    noise_scale=up.noise_scale,
+                    drop_fraction=up.drop_fraction,
+                )
+            return scan.stack_layers(merged, self.plans)
 
-        upcycled = jax.jit(upcycle, out_shardings=self.param_shardings)
-        return upcycled(dense_params, moe_init, jax.random.key(up.seed))
+        return jax.jit(assemble, out_shardings=self.param_shardings)
 
     def restore_params(self, directory: str | Path) -> tuple[dict, int]:
         """The latest params under a checkpoints `directory` of this stage's model, placed

@@ -51,9 +51,7 @@ def test_upcycled_moe_logits_equal_dense_logits(micro_config):
     dense_params = jax.tree.map(
         lambda x: x + 0.01 * jax.random.normal(jax.random.key(3), x.shape), dense.fresh_params()
     )
-    moe_params = moe_stage.upcycle(
-        dense.canonical(dense_params), moe_stage.canonical(moe_stage.fresh_params())
-    )
+    moe_params = moe_stage.assemble(dense.canonical(dense_params), upcycle=True)
     dense_logits, _ = dense.model.apply(
         {"params": dense_params}, batch["input_ids"], batch["images"], deterministic=True
     )
@@ -89,7 +87,8 @@ def test_stage_upcycles_as_config_says(micro_config):
     moe_stage, _, _ = make_stage(micro_config, "stage3")
     dense_params = dense.canonical(dense.fresh_params())
     init = moe_stage.canonical(moe_stage.random_params())
-    up = param_tree.flatten(moe_stage.canonical(moe_stage.upcycle(dense_params, init)))  # jitted
+    # Jitted, the MoE init traced in: its routers must equal `random_params`'.
+    up = param_tree.flatten(moe_stage.canonical(moe_stage.assemble(dense_params, upcycle=True)))
     source = np.asarray(param_tree.flatten(dense_params)["decoder/layers_0/mlp/wo/kernel"])
     experts = np.asarray(up["decoder/layers_0/moe/experts/wo/kernel"])  # [E, F, d]
     rows_changed = (experts != source).all(axis=2).sum(axis=1)

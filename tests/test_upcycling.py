@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_llava_jax import param_tree, trainer, upcycling
+from moe_llava_jax import build, param_tree, sharding, trainer, upcycling
 from moe_llava_jax.models.mlp import MLP, FFNConfig
 from moe_llava_jax.models.moe import MoEConfig, MoELayer
 
@@ -198,3 +198,23 @@ def test_bad_upcycle_and_router_settings_name_the_key(micro_config, key, value, 
     (micro_config[node] if node else micro_config)[leaf] = value
     with pytest.raises(ValueError, match=match):
         trainer.validate_config(micro_config)
+
+
+def test_stage3_assembly_computes_no_random_experts(micro_config):
+    """Upcycling a stage-2 model into stage 3 traces the MoE model's init in the same program
+    (`StageModel.assembly`): the random experts it would draw are never computed, so the
+    program's temporaries stay far below one copy of the experts (a separate random MoE
+    tree, as `init_from` used to build, is at least that)."""
+    micro_config.model.decoder.update(hidden_size=128, intermediate_size=512)
+    mesh = sharding.make_mesh(micro_config.mesh.to_dict())
+    dense = build.StageModel(micro_config, "stage2", mesh, 512)
+    moe = build.StageModel(micro_config, "stage3", mesh, 512)
+    abstract_dense = jax.eval_shape(dense.canonical, dense.abstract_params)
+    memory = moe.assembly(upcycle=True).lower(abstract_dense).compile().memory_analysis()
+    experts = sum(
+        x.size * x.dtype.itemsize
+        for path, x in param_tree.flatten(moe.abstract_params).items()
+        if "/moe/experts/" in path
+    )
+    assert memory.temp_size_in_bytes < experts / 8, (memory.temp_size_in_bytes, experts)
+    assert memory.output_size_in_bytes >= experts
