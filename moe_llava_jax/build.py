@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moe_llava_jax import checkpoint, sharding, upcycling
-from moe_llava_jax.convert import families, hf
+from moe_llava_jax.convert import families, hf, lazy, placement
 from moe_llava_jax.data import images as image_ops
 from moe_llava_jax.data.conversation import get_template
 from moe_llava_jax.data.pipeline import Packing, Preprocessing, SkipLog, training_dataset
@@ -242,14 +242,30 @@ class StageModel:
     def init_variables(self, rng: jax.Array) -> dict:
         return init_variables(self.model, self.dummy, rng)
 
+    @property
+    def targets(self) -> dict:
+        """This stage's params as `ShapeDtypeStruct`s with their dtypes and shardings (model
+        layout): where imported or restored weights are placed."""
+        return checkpoint.abstract_like(self.abstract_params, self.param_shardings)
+
+    def layout(self, model_cfg: LVLMConfig) -> tuple[scan.Plans, dict]:
+        """(plans, sharded `ShapeDtypeStruct`s) of `model_cfg`'s params on this mesh: another
+        layout of this stage's weights (a checkpoint saved with the other
+        `model.scan_layers`, the dense decoder an upcycled stage starts from)."""
+        boxed = jax.eval_shape(
+            lambda rng: init_variables(MoELLaVA(model_cfg), self.dummy, rng), jax.random.key(0)
+        )["params"]
+        shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
+        return layer_plans(model_cfg), checkpoint.abstract_like(nn.unbox(boxed), shardings)
+
     def random_params(self) -> dict:
         return self.assemble({}, upcycle=False)
 
-    def fresh_params(self) -> dict:
-        """Random init, with what `model.vision_from`, `model.llm_from`, `model.init_from_hf`
-        (a release's decoder and projector) and `model.projector_from` (a stage-1 release's
-        projector) name loaded over it; a dense pretrained LLM is upcycled when this stage's
-        model is MoE."""
+    def pretrained_weights(self) -> tuple[dict, bool]:
+        """What `model.vision_from`, `model.llm_from`, `model.init_from_hf` (a release's
+        decoder and projector) and `model.projector_from` (a stage-1 release's projector)
+        name, as lazy tensors in the canonical layout (nothing read yet), and whether its
+        decoder (if any) is dense."""
         model = self.config.model
         pretrained, dense_decoder = {}, True
         if model.vision_from:
@@ -257,47 +273,80 @@ class StageModel:
                 model.vision_from,
                 select_layer=self.model_cfg.vision.select_layer,
                 select_feature=self.model_cfg.vision.select_feature,
+                lazy=True,
             )[1]
         if model.get("init_from_hf", ""):
-            release_decoder, _, release = hf.load_moe_llava(model.init_from_hf)
+            release_decoder, _, release = hf.load_moe_llava(model.init_from_hf, lazy=True)
             pretrained.update(release)
             dense_decoder = release_decoder.moe is None
         elif model.llm_from:
-            pretrained["decoder"] = hf.load_decoder(model.llm_from)[1]
+            pretrained["decoder"] = hf.load_decoder(model.llm_from, lazy=True)[1]
         if model.get("projector_from", ""):
             pretrained["projector"] = hf.load_projector(
                 model.projector_from,
                 self.model_cfg.projector,
                 self.model_cfg.vision.hidden_size,
                 self.model_cfg.decoder.hidden_size,
+                lazy=True,
             )
-        if not pretrained:
-            return self.random_params()
         if "decoder" in pretrained and not self.model_cfg.decoder.lm_head_bias:
             pretrained["decoder"]["lm_head"].pop("bias", None)  # model.drop_lm_head_bias
-        return self.assemble(pretrained, upcycle="decoder" in pretrained and dense_decoder)
+        return pretrained, dense_decoder
+
+    def fresh_params(self) -> dict:
+        """Random init with the pretrained weights the config names loaded over it
+        (`pretrained_weights`); a dense pretrained LLM is upcycled when this stage's model
+        is MoE.
+
+        Each weight goes from the memory-mapped checkpoint straight to its devices, one
+        shard at a time, in the file's dtype until it is there (`convert/placement.py`),
+        already stacked in the layout it is placed in; the random rest is drawn by the
+        same jitted call that takes the weights over (`assembly`), which adopts their
+        buffers. Host memory: the file mapping plus one shard; devices: the params."""
+        pretrained, dense_decoder = self.pretrained_weights()
+        if not pretrained:
+            return self.random_params()
+        upcycle = (
+            "decoder" in pretrained and dense_decoder and self.model_cfg.decoder.moe is not None
+        )
+        if upcycle:
+            dense = dataclasses.replace(self.model_cfg.decoder, moe=None)
+            plans, targets = self.layout(dataclasses.replace(self.model_cfg, decoder=dense))
+        else:
+            plans, targets = self.plans, self.targets
+        stacked = scan.stack_layers(
+            pretrained, plans, combine=lambda _, leaves: lazy.stacked(leaves)
+        )
+        return self.assembly(upcycle, plans)(placement.place(stacked, targets))
 
     def assemble(self, pretrained: dict, *, upcycle: bool) -> dict:
-        """`assembly(upcycle)` applied to `pretrained`."""
+        """`assembly(upcycle)` applied to `pretrained` (canonical layout)."""
         return self.assembly(upcycle)(pretrained)
 
-    def assembly(self, upcycle: bool) -> Callable[[dict], dict]:
-        """The jitted `pretrained -> params` of `assemble`: this stage's params (model layout,
-        sharded): `pretrained` (canonical layout, some of the top-level subtrees) over a fresh
-        init of the rest, its dense decoder upcycled as `config.upcycle` says when `upcycle`
-        (and this stage is MoE).
+    def assembly(
+        self, upcycle: bool, source_plans: scan.Plans | None = None
+    ) -> Callable[[dict], dict]:
+        """The jitted `pretrained -> params`: this stage's params (model layout, sharded) from
+        `pretrained` (some of the top-level subtrees, in the layout of `source_plans`;
+        None: canonical) over a fresh init of the rest, its dense decoder upcycled as
+        `config.upcycle` says when `upcycle` (and this stage is MoE).
 
         One jitted call that traces the init: XLA computes only the random params that
         survive (what `pretrained` lacks, the routers), so no second random tree (at
-        stage 3: a whole random MoE model) is ever held beside the real one."""
+        stage 3: a whole random MoE model) is ever held beside the real one. Given in this
+        stage's own layout and not upcycled, `pretrained` passes through and is donated:
+        its buffers become the output's, so the weights are on the devices once."""
         up = self.config.upcycle
         upcycle = upcycle and self.model_cfg.decoder.moe is not None
+        source_plans = {} if source_plans is None else source_plans  # {}: canonical
+        passthrough = not upcycle and source_plans == self.plans
 
         def assemble(pretrained: dict) -> dict:
-            init = self.canonical(
-                nn.unbox(self.init_variables(jax.random.key(self.config.seed))["params"])
-            )
-            merged = {**init, **pretrained}
+            init = nn.unbox(self.init_variables(jax.random.key(self.config.seed))["params"])
+            if passthrough:
+                return {**init, **pretrained}
+            init = self.canonical(init)
+            merged = {**init, **scan.unstack_layers(pretrained, source_plans)}
             if upcycle:
                 merged = upcycling.upcycle(
                     merged,
@@ -309,7 +358,8 @@ class StageModel:
                 )
             return scan.stack_layers(merged, self.plans)
 
-        return jax.jit(assemble, out_shardings=self.param_shardings)
+        donate = (0,) if passthrough else ()
+        return jax.jit(assemble, out_shardings=self.param_shardings, donate_argnums=donate)
 
     def restore_params(self, directory: str | Path) -> tuple[dict, int]:
         """The latest params under a checkpoints `directory` of this stage's model, placed
@@ -322,19 +372,8 @@ class StageModel:
         # A config saved before scanned layers existed: the loop was the only layout.
         saved_scan = saved_config["model"].get("scan_layers", False)
         saved_cfg = dataclasses.replace(self.model_cfg, scan_layers=saved_scan)
-        saved_plans = layer_plans(saved_cfg)
+        saved_plans, saved_targets = self.layout(saved_cfg)
         if saved_plans == self.plans:
-            abstract = checkpoint.abstract_like(self.abstract_params, self.param_shardings)
-            return checkpoint.restore_params(directory, abstract)
-        boxed = jax.eval_shape(
-            lambda rng: init_variables(MoELLaVA(saved_cfg), self.dummy, rng), jax.random.key(0)
-        )["params"]
-        saved_shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
-        params, step = checkpoint.restore_params(
-            directory, checkpoint.abstract_like(nn.unbox(boxed), saved_shardings)
-        )
-        relayout = jax.jit(
-            lambda p: scan.stack_layers(scan.unstack_layers(p, saved_plans), self.plans),
-            out_shardings=self.param_shardings,
-        )
-        return relayout(params), step
+            return checkpoint.restore_params(directory, self.targets)
+        params, step = checkpoint.restore_params(directory, saved_targets)
+        return self.assembly(False, saved_plans)(params), step

@@ -215,7 +215,7 @@ class Stage(StageModel):
         params, step = source_model.restore_params(directory)
         tqdm.write(f"{self.name}: initialised from {directory} (step {step})")
         if self.model_cfg.decoder.moe is not None and source_model.model_cfg.decoder.moe is None:
-            return self.assemble(source_model.canonical(params), upcycle=True)
+            return self.assembly(True, source_model.plans)(params)
         return params
 
     def stored(self, params: dict) -> dict:

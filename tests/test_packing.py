@@ -6,7 +6,6 @@ buckets (`"bucket"`): each batch at its shortest bucket, nothing lost, exact res
 import flax.linen as nn
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

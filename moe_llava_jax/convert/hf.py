@@ -5,7 +5,10 @@
     export_decoder(decoder_params, "phi", "/tmp/phi-2-roundtrip")
     moe_cfg, projector, params = load_moe_llava("/models/MoE-LLaVA-Phi2-2.7B-4e")
 
-Params come back as float32 numpy trees (master weights), whatever the checkpoint dtype.
+Params come back as float32 numpy trees (master weights), whatever the checkpoint dtype;
+with `lazy=True` as trees of `lazy.LazyTensor`s in the checkpoint's dtype, read from the
+memory-mapped files only when (and as far as) they are read: `placement.place` builds
+sharded device arrays from them, each process reading only its devices' shards.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from flax import linen as nn
 
 from moe_llava_jax import param_tree
 from moe_llava_jax.convert import families, name_rules, safetensors_io, torch_pickle
+from moe_llava_jax.convert.lazy import LazyTensor
 from moe_llava_jax.models.decoder import Decoder, DecoderConfig
 from moe_llava_jax.models.projector import Projector
 from moe_llava_jax.models.vision import VisionConfig, VisionTower
@@ -37,7 +41,9 @@ def read_hf_config(directory: str | Path) -> dict:
 
 
 def _shapes(abstract_params: Mapping) -> dict[str, tuple[int, ...]]:
-    return {path: tuple(x.shape) for path, x in param_tree.flatten(nn.unbox(abstract_params)).items()}
+    return {
+        path: tuple(x.shape) for path, x in param_tree.flatten(nn.unbox(abstract_params)).items()
+    }
 
 
 def decoder_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
@@ -55,11 +61,14 @@ def vision_shapes(config: VisionConfig) -> dict[str, tuple[int, ...]]:
     return _shapes(jax.eval_shape(init)["params"])
 
 
-def _as_tree(flat: Mapping[str, np.ndarray]) -> dict:
-    return param_tree.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+def _as_tree(flat: Mapping[str, LazyTensor], lazy: bool) -> dict:
+    """The imported params as a tree: lazy, or read whole into float32."""
+    if lazy:
+        return param_tree.unflatten(flat)
+    return param_tree.unflatten({k: np.asarray(v.value(), np.float32) for k, v in flat.items()})
 
 
-def load_decoder(directory: str | Path) -> tuple[DecoderConfig, dict]:
+def load_decoder(directory: str | Path, *, lazy: bool = False) -> tuple[DecoderConfig, dict]:
     """(config, params) of a LLaMA / Qwen2 / StableLM / Phi causal LM directory."""
     hf = read_hf_config(directory)
     config = families.decoder_config(hf)
@@ -69,11 +78,15 @@ def load_decoder(directory: str | Path) -> tuple[DecoderConfig, dict]:
         decoder_shapes(config),
         families.decoder_ignored(config),
     )
-    return config, _as_tree(flat)
+    return config, _as_tree(flat, lazy)
 
 
 def load_vision(
-    directory: str | Path, *, select_layer: int = -2, select_feature: str = "patch"
+    directory: str | Path,
+    *,
+    select_layer: int = -2,
+    select_feature: str = "patch",
+    lazy: bool = False,
 ) -> tuple[VisionConfig, dict]:
     """(config, params) of a CLIP or SigLIP vision tower (a full CLIP/SigLIP checkpoint's
     text half is left out)."""
@@ -87,7 +100,7 @@ def load_vision(
     flat = name_rules.import_tensors(
         tensors, families.vision_rules(), vision_shapes(config), families.vision_ignored(config)
     )
-    return config, _as_tree(flat)
+    return config, _as_tree(flat, lazy)
 
 
 def projector_shapes(projector: str, vision_hidden: int, hidden: int) -> dict[str, tuple[int, ...]]:
@@ -105,7 +118,9 @@ def moe_llava_shapes(
     return shapes
 
 
-def load_projector(path: str | Path, projector: str, vision_hidden: int, hidden: int) -> dict:
+def load_projector(
+    path: str | Path, projector: str, vision_hidden: int, hidden: int, *, lazy: bool = False
+) -> dict:
     """A projector-only file -> our projector params: a stage-1 release's `mm_projector.bin`
     (torch pickle; MoE-LLaVA's `model.mm_projector.image_spatial_proj.{0,2}.*`, Qwen v1's
     `transformer.…`, or LLaVA's `model.mm_projector.{0,2}.*`) or the same names in a
@@ -128,10 +143,10 @@ def load_projector(path: str | Path, projector: str, vision_hidden: int, hidden:
         raise ValueError(
             f"{path} (model.projector_from, model.projector={projector!r}): {error}"
         ) from error
-    return _as_tree(flat)
+    return _as_tree(flat, lazy)
 
 
-def load_moe_llava(directory: str | Path) -> tuple[DecoderConfig, str, dict]:
+def load_moe_llava(directory: str | Path, *, lazy: bool = False) -> tuple[DecoderConfig, str, dict]:
     """A released MoE-LLaVA checkpoint, stage 3 (`moe_llava_*`) or the dense stage 2
     (`llava_*`): (decoder config, with MoE for stage 3, projector kind, {"decoder": ...,
     "projector": ...}). The vision tower its stage-3 save may dump into the
@@ -155,7 +170,7 @@ def load_moe_llava(directory: str | Path) -> tuple[DecoderConfig, str, dict]:
         moe_llava_shapes(decoder, projector, hf["mm_hidden_size"]),
         families.decoder_ignored(decoder),
     )
-    return decoder, projector, _as_tree(flat)
+    return decoder, projector, _as_tree(flat, lazy)
 
 
 def export_moe_llava(
@@ -196,5 +211,7 @@ def export_decoder(
 
 def export_vision(params: Mapping, directory: str | Path, dtype=np.float32) -> None:
     _export(
-        name_rules.export_tensors(param_tree.flatten(params), families.vision_rules()), directory, dtype
+        name_rules.export_tensors(param_tree.flatten(params), families.vision_rules()),
+        directory,
+        dtype,
     )

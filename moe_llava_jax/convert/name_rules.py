@@ -7,7 +7,8 @@ An HF name may also contain `{k}`: per-expert tensors (DeepSpeed's `deepspeed_ex
 that stack along a new leading axis into one of our `[E, ...]` params. Importing maps every
 HF tensor through the rules; exporting runs them backwards. Every
 mismatch is an error naming the tensor: a tensor no rule knows, a param no tensor fills, a
-shape that disagrees.
+shape that disagrees. Imported params are `lazy.LazyTensor`s: nothing is read until a
+caller reads them (whole, or one device shard at a time).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+
+from moe_llava_jax.convert import lazy
+from moe_llava_jax.convert.lazy import LazyTensor
 
 Rule = tuple[str, str, str]  # (our path, HF name, transform name)
 
@@ -32,11 +36,16 @@ def _dense_to_patch(w: np.ndarray, channels: int = 3) -> np.ndarray:
     return w.reshape(p, p, channels, d).transpose(3, 2, 0, 1)
 
 
-# name -> (HF -> ours, ours -> HF)
-TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
+def _patch_to_dense_lazy(w: LazyTensor) -> LazyTensor:
+    d, c, p, q = w.shape
+    return lazy.computed(w, _patch_to_dense, (p * q * c, d))
+
+
+# name -> (HF -> ours on lazy tensors, ours -> HF on arrays)
+TRANSFORMS: dict[str, tuple[Callable[[LazyTensor], LazyTensor], Callable]] = {
     "copy": (lambda w: w, lambda w: w),
-    "linear": (lambda w: w.T, lambda w: w.T),  # torch Linear [out, in] <-> Flax [in, out]
-    "patch_conv": (_patch_to_dense, _dense_to_patch),
+    "linear": (lazy.transposed, lambda w: w.T),  # torch Linear [out, in] <-> Flax [in, out]
+    "patch_conv": (_patch_to_dense_lazy, _dense_to_patch),
 }
 
 
@@ -51,7 +60,7 @@ def _fill(template: str, match: re.Match) -> str:
     return template.replace("{i}", match.group("i")) if "{i}" in template else template
 
 
-def _check_shape(name: str, source_shape: tuple, path: str, array: np.ndarray, expected) -> None:
+def _check_shape(name: str, source_shape: tuple, path: str, array: LazyTensor, expected) -> None:
     if tuple(array.shape) != tuple(expected[path]):
         raise ValueError(
             f"tensor {name!r} has shape {tuple(source_shape)}; {path!r} needs "
@@ -64,15 +73,16 @@ def import_tensors(
     rules: Sequence[Rule],
     expected: Mapping[str, tuple[int, ...]],
     ignored: Callable[[str], bool] = lambda name: False,
-) -> dict[str, np.ndarray]:
-    """HF tensors -> {our path: array} covering exactly `expected` (our path -> shape).
+) -> dict[str, LazyTensor]:
+    """HF tensors (arrays or memmap views: nothing is read) -> {our path: lazy tensor}
+    covering exactly `expected` (our path -> shape).
 
     `ignored(name)` marks tensors the configured model does not use by design (e.g. vision
     layers past `select_layer`, a tied lm_head); any other tensor without a place is an error.
     """
     compiled = [(_regex(hf), ours, transform) for ours, hf, transform in rules]
     out = {}
-    experts: dict[str, dict[int, np.ndarray]] = {}  # our path -> {k: one expert's tensor}
+    experts: dict[str, dict[int, LazyTensor]] = {}  # our path -> {k: one expert's tensor}
     for name, value in tensors.items():
         if ignored(name):
             continue
@@ -86,21 +96,21 @@ def import_tensors(
                     f"tensor {name!r} maps to {path!r}, which the configured model lacks"
                 )
             base, part = _parse(transform)
-            source = np.asarray(value)
+            source = lazy.of_array(np.asarray(value))
             if part is not None:
-                source = np.split(source, part[1], axis=0)[part[0]]
+                source = lazy.part(source, *part)
             array = TRANSFORMS[base][0](source)
             if "k" in match.groupdict():
                 experts.setdefault(path, {})[int(match.group("k"))] = array
                 continue
-            _check_shape(name, np.shape(source), path, array, expected)
+            _check_shape(name, source.shape, path, array, expected)
             out[path] = array
     for path, parts in experts.items():
         if sorted(parts) != list(range(len(parts))):
             raise ValueError(
                 f"{path!r}: expert tensors {sorted(parts)} are not 0..{len(parts) - 1}"
             )
-        stacked = np.stack([parts[k] for k in sorted(parts)])
+        stacked = lazy.stacked([parts[k] for k in sorted(parts)])
         _check_shape(f"{path} experts", stacked.shape, path, stacked, expected)
         out[path] = stacked
     missing = sorted(set(expected) - set(out))
