@@ -50,8 +50,9 @@ def random_batch(stage: trainer.Stage, seed: int) -> Batch:
     ids = rng.integers(0, stage.model_cfg.decoder.vocab_size, (cfg.batch_size, cfg.max_length))
     ids[:, 1 : 1 + vision.num_image_tokens] = IMAGE_TOKEN_INDEX
     labels = np.where(np.arange(cfg.max_length) >= cfg.max_length // 2, ids, IGNORE_INDEX)
-    images = rng.standard_normal((cfg.batch_size, vision.image_size, vision.image_size, 3))
-    batch = {"input_ids": ids, "labels": labels, "images": images.astype(np.float32)}
+    size = (cfg.batch_size, vision.image_size, vision.image_size, 3)
+    images = rng.integers(0, 256, size, dtype=np.uint8)  # pixels, as the data pipeline gives
+    batch = {"input_ids": ids, "labels": labels, "images": images}
     return {k: jax.device_put(v, stage.batch_sharding) for k, v in batch.items()}
 
 

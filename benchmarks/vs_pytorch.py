@@ -39,7 +39,7 @@ from benchmarks.train_step import StepRunner, random_batch
 from configs import moe_tuning
 from moe_llava_jax import param_tree, sharding, trainer
 from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
-from moe_llava_jax.models import moe
+from moe_llava_jax.models import moe, pixels
 from moe_llava_jax.models.lvlm import LVLMConfig
 
 TORCH_EXPERTS = ("eager", "grouped_mm")
@@ -51,6 +51,7 @@ class TorchMoELLaVA(torch.nn.Module):
     def __init__(self, config: LVLMConfig, aux_loss_coef: float, experts: str):
         super().__init__()
         vision, decoder = config.vision, config.decoder
+        self.pixel_norm = (config.pixel_mean, config.pixel_std)  # ours normalises on device
         self.vision = CLIPVisionModel(
             CLIPVisionConfig(
                 hidden_size=vision.hidden_size,
@@ -99,13 +100,18 @@ class TorchMoELLaVA(torch.nn.Module):
         return out.loss
 
 
+def normalized_images(model: TorchMoELLaVA, batch: dict) -> np.ndarray:
+    """The batch's uint8 pixels as the tower's float32 input (our model does this inside)."""
+    return pixels.normalize(np.asarray(batch["images"]), *model.pixel_norm)
+
+
 def torch_step(model: TorchMoELLaVA, batch: dict, lr: float, grad_clip: float):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     inputs = (
         torch.from_numpy(np.asarray(batch["input_ids"])).long(),
         torch.from_numpy(np.asarray(batch["labels"])).long(),
-        torch.from_numpy(np.asarray(batch["images"])).permute(0, 3, 1, 2).contiguous(),
+        torch.from_numpy(normalized_images(model, batch)).permute(0, 3, 1, 2).contiguous(),
     )
 
     def step() -> float:

@@ -195,6 +195,11 @@ def moe_tuning_config(
     # copy_noise (+ noise_scale * std of each tensor), drop_upcycle (re-init drop_fraction of
     # each expert's intermediate channels; Drop-Upcycling) or random (no upcycling).
     config.upcycle = {"mode": "copy", "noise_scale": 0.01, "drop_fraction": 0.5, "seed": 0}
+    # Checkpoints go to ROOT/STAGE/checkpoints ("": the workdir; gs://BUCKET/..., s3://...
+    # too: orbax writes object stores natively, while the logs stay in the workdir). A
+    # stage's frozen params: "once" (lean: written at its start to checkpoints/frozen, each
+    # step saves the trainable params and their optimizer state) or "every_save".
+    config.checkpoints = {"root": "", "frozen": "once"}
     config.mesh = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
     # Where params and activations land on that mesh: [logical axis name, mesh axis | [mesh
     # axes] | None] pairs, first match wins (sharding.py; the models name logical axes only).

@@ -17,8 +17,9 @@ FLOPs (`flops.py`; kernels XLA emits as custom calls, such as its fused attentio
 are not in the count, so their share is missing), and over the FLOPs the design runs on
 purpose (`flops.designed_overheads`: remat's recompute, capacity slots no token fills,
 attention chunks' padding and recompute), so that a ratio above 1 there is work nobody asked
-for. A
-program that does not fit is reported with the bytes XLA's out-of-memory check asked for.
+for; and the bytes a checkpoint save writes (whole arrays, from the state's shapes), lean and
+with every param. A program that does not fit is reported with the bytes XLA's
+out-of-memory check asked for.
 
 Memory figures are XLA's for that backend: TPU's account for remat and scheduling,
 XLA:CPU's ignore remat (use a TPU topology for memory claims). Why the mesh comes from the
@@ -172,6 +173,7 @@ def train_step_report(stage: trainer.Stage, hbm_bytes: int | None) -> dict:
         "scan_layers": stage.config.model.scan_layers,
         "hbm_bytes": hbm_bytes,
         "analytic_flops": stage.step_flops.total,
+        "checkpoint_bytes": checkpoint.saved_bytes(stage.abstract_state, stage.mask),
     }
     with sharding.mesh_context(stage.mesh, stage.rules):
         start = time.perf_counter()
@@ -274,6 +276,12 @@ def format_report(report: dict) -> str:
             f", attention chunks +{share['attention_chunks']:.3f}{in_kernels}), program / "
             f"designed = {report['xla_over_designed_flops']}"
         )
+    saved = report["checkpoint_bytes"]
+    lines.append(
+        f"  checkpoint per save: {saved['lean'] / 1e9:.2f} GB lean (trainable params + "
+        f"optimizer state; frozen params {saved['frozen_once'] / 1e9:.2f} GB once), "
+        f"{saved['every_save'] / 1e9:.2f} GB with checkpoints.frozen=every_save"
+    )
     used = {k: v for k, v in report["collectives"].items() if v["ops"]}
     lines.append(
         "  collectives: "

@@ -75,6 +75,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, with_moe: b
         )
     else:
         vision = VisionConfig(**vision_cfg.to_dict())
+    processor = image_ops.get_image_processor(config.model.image_processor)
     return LVLMConfig(
         vision=vision,
         decoder=decoder,
@@ -85,6 +86,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, with_moe: b
         # Checkpoints saved before these keys existed computed attention the xla way.
         attention=config.model.get("attention", "xla"),
         attention_chunk=config.model.get("attention_chunk", 0),
+        pixel_mean=processor.mean,
+        pixel_std=processor.std,
     )
 
 
@@ -231,10 +234,10 @@ class StageModel:
         image = (self.model_cfg.vision.image_size,) * 2 + (3,)
         shapes = {"input_ids": ((b, t), jnp.int32), "labels": ((b, t), jnp.int32)}
         if self.packing.mode != "first_fit":
-            return {**shapes, "images": ((b, *image), jnp.float32)}
+            return {**shapes, "images": ((b, *image), jnp.uint8)}
         return {
             **shapes,
-            "images": ((b, self.packing.image_slots, *image), jnp.float32),
+            "images": ((b, self.packing.image_slots, *image), jnp.uint8),
             "segments": ((b, t), jnp.int32),
             "positions": ((b, t), jnp.int32),
         }

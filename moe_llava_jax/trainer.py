@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from etils import epath
 from tqdm import tqdm
 
 from moe_llava_jax import checkpoint, distributed, flops, freeze, optim, sharding, upcycling
@@ -45,6 +46,7 @@ STAGE_COMMANDS = {
     name: f"python -m moe_llava_jax.train --config=configs/{name}.py"
     for name in ("stage1", "stage2", "stage3")
 }
+CHECKPOINT_FROZEN = ("once", "every_save")  # config key checkpoints.frozen
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -53,7 +55,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config key workdir={config.workdir!r}: the trainer writes through the file system "
             "(it appends to its logs); mount the bucket (e.g. gcsfuse at /gcs/BUCKET) on every "
-            "host and give that path"
+            "host and give that path, and checkpoints.root the bucket's URL for checkpoints"
         )
     moe = config.model.moe
     if not 1 <= moe.top_k <= moe.num_experts:
@@ -94,6 +96,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if not config[name].moe:
             raise ValueError(f"config key routing.after names {name!r}, which has no MoE layers")
     freeze.storage_dtype(config.model.frozen_param_dtype, "model.frozen_param_dtype")
+    if config.checkpoints.frozen not in CHECKPOINT_FROZEN:
+        raise ValueError(
+            f"config key checkpoints.frozen={config.checkpoints.frozen!r}: expected one of "
+            f"{CHECKPOINT_FROZEN}"
+        )
     for name in build.stage_names(config):
         freeze.resolve_rules(config[name].trainable)
         freeze.storage_dtype(config[name].mu_dtype, f"{name}.mu_dtype")
@@ -118,8 +125,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config key data.{key}={config.data[key]} must be >= 0")
 
 
-def checkpoint_dir(config: ml_collections.ConfigDict, stage: str) -> Path:
-    return Path(config.workdir) / stage / "checkpoints"
+def checkpoint_dir(config: ml_collections.ConfigDict, stage: str) -> epath.Path:
+    """WORKDIR/STAGE/checkpoints, or ROOT/STAGE/checkpoints with `checkpoints.root` (a
+    local path or an object store's URL: gs://, s3://); logs stay in the workdir."""
+    root = config.checkpoints.root or config.workdir
+    return checkpoint.location(root) / stage / "checkpoints"
 
 
 class Stage(StageModel):
@@ -224,8 +234,9 @@ class Stage(StageModel):
         cast = lambda p: freeze.cast_frozen(p, self.mask, self.frozen_dtype)
         return jax.jit(cast, out_shardings=self.param_shardings, donate_argnums=0)(params)
 
-    def initial_state(self, manager, data_iterator) -> dict:
-        """The latest checkpoint's state (and data position), else step 0 from `init_from`."""
+    def initial_state(self, manager, data_iterator, lean: bool) -> dict:
+        """The latest checkpoint's state (and data position), else step 0 from `init_from`
+        (its frozen params written to the checkpoints' `frozen/` when saving `lean`)."""
         if manager.latest_step() is not None:
             tqdm.write(f"{self.name}: resuming from step {manager.latest_step()}")
             return checkpoint.restore_state(
@@ -234,6 +245,8 @@ class Stage(StageModel):
                 data_iterator,
             )
         params = self.stored(self.initial_params())
+        if lean:
+            checkpoint.save_frozen(manager.directory, params, self.mask)
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
         return {"step": step, "params": params, "opt_state": opt_state}
@@ -295,9 +308,14 @@ def train_stage(stage: Stage, source: RecordSource, tokenizer: Tokenizer) -> dic
     suffix = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
     skip_log = stage.skip_log(source, stage_dir / f"skipped{suffix}.jsonl")
     data_iterator = iter(stage.dataset(source, tokenizer, skip_log))
-    state = stage.initial_state(manager, data_iterator)
+    if manager.latest_step() is None:
+        lean = config.checkpoints.frozen == "once"
+    else:
+        lean = checkpoint.saves_lean(manager)
+    state = stage.initial_state(manager, data_iterator, lean)
     start = int(jax.device_get(state["step"]))
     meta = {"stage": stage.name, "config": config.to_json()}
+    trainable = stage.mask if lean else None  # lean: steps save the trainable params
     throughput = Throughput(peak_flops=config.peak_flops_per_device * jax.device_count())
 
     def nonfinite_error(streak: int, last_bad: int, saved: int) -> NonFiniteLossError:
@@ -327,7 +345,9 @@ def train_stage(stage: Stage, source: RecordSource, tokenizer: Tokenizer) -> dic
             previous = dispatched(stage, step, metrics, local_batch)
             stop = preemption.should_stop(manager, step)
             force = step == cfg.num_steps or stop or failing
-            checkpoint.save(manager, step, state, data_iterator, meta, force=force)
+            checkpoint.save(
+                manager, step, state, data_iterator, meta, force=force, trainable=trainable
+            )
             log.bar.update(1)
             if failing or stop:
                 finish(previous, throughput, log, cfg)  # this step's metrics in the log too

@@ -1,5 +1,6 @@
-"""Our preprocessing equals transformers' CLIP / SigLIP image processors (PIL backends), with
-LLaVA's pad-to-square applied first where asked."""
+"""Our preprocessing (uint8 pixels on the host, normalised on the device) equals transformers'
+CLIP / SigLIP image processors (PIL backends), with LLaVA's pad-to-square applied first where
+asked."""
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
 from moe_llava_jax.data import images  # noqa: E402
+from moe_llava_jax.models.pixels import model_input  # noqa: E402
 
 
 def reference(name: str, size: int):
@@ -25,7 +27,8 @@ def reference(name: str, size: int):
 def test_preprocessing_matches_transformers(name, pad_to_square, shape):
     image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
     processor = images.IMAGE_PROCESSORS[name]
-    ours = images.preprocess_image(image, 32, processor, pad_to_square)
+    pixels = images.preprocess_image(image, 32, processor, pad_to_square)
+    ours = np.asarray(model_input(pixels, processor.mean, processor.std))  # the device's half
     source = image
     if pad_to_square:
         source = images.expand_to_square(image, tuple(int(m * 255) for m in processor.mean))

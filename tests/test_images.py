@@ -1,19 +1,19 @@
-"""Image preprocessing: square padding, resize/crop, normalisation and load errors."""
+"""Image preprocessing: square padding, resize/crop, normalisation (on the device, equal to
+the host formula) and load errors."""
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from moe_llava_jax.data.images import (
-    CLIP_MEAN,
-    CLIP_STD,
     expand_to_square,
     load_image,
-    normalize,
     IMAGE_PROCESSORS,
     preprocess_image,
     resize_shortest_and_center_crop,
 )
+from moe_llava_jax.models.pixels import CLIP_MEAN, CLIP_STD, model_input, normalize
 
 CLIP_BACKGROUND = tuple(int(m * 255) for m in CLIP_MEAN)
 
@@ -41,11 +41,13 @@ def test_resize_and_crop_keeps_the_centre():
 
 def test_preprocess_constant_image():
     image = np.full((30, 50, 3), 255, dtype=np.uint8)
-    out = preprocess_image(image, 16, IMAGE_PROCESSORS["siglip"], pad_to_square=False)
-    assert out.shape == (16, 16, 3) and out.dtype == np.float32
-    np.testing.assert_allclose(out, 1.0, atol=1e-6)
+    siglip = IMAGE_PROCESSORS["siglip"]
+    out = preprocess_image(image, 16, siglip, pad_to_square=False)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    np.testing.assert_allclose(normalize(out, siglip.mean, siglip.std), 1.0, atol=1e-6)
 
     padded = preprocess_image(image, 16, IMAGE_PROCESSORS["clip"], pad_to_square=True)
+    padded = normalize(padded, CLIP_MEAN, CLIP_STD)
     expected_white = (1.0 - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
     np.testing.assert_allclose(padded[8, 8], expected_white, rtol=1e-5)
     np.testing.assert_allclose(padded[0, 8], 0.0, atol=0.02)  # mean-coloured padding ~ 0
@@ -56,6 +58,20 @@ def test_normalize_formula():
     out = normalize(image, CLIP_MEAN, CLIP_STD)
     expected = (np.array([0, 128, 255]) / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
     np.testing.assert_allclose(out[0, 0], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_PROCESSORS))
+def test_the_device_normalises_every_level_as_the_host_formula(name):
+    """uint8 pixels normalised in a jitted program equal the numpy formula bit for bit (all
+    256 levels, each channel); images already in floating point pass through."""
+    processor = IMAGE_PROCESSORS[name]
+    levels = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None, None], (256, 2, 3))
+    on_device = jax.jit(lambda x: model_input(x, processor.mean, processor.std))
+    out = np.asarray(on_device(levels))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, normalize(levels, processor.mean, processor.std))
+    floats = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(on_device(floats)), floats)
 
 
 def test_load_image_converts_to_rgb(tmp_path):

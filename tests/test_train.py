@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from moe_llava_jax import param_tree, sharding, trainer
+from moe_llava_jax import checkpoint, param_tree, sharding, trainer
 from moe_llava_jax.data import from_config
 from tests.helpers import first_batch, make_stage
 
@@ -127,6 +127,50 @@ def test_a_looped_checkpoint_starts_a_scanned_stage(micro_config):
         np.testing.assert_array_equal(restored[path], value, err_msg=path)
 
 
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_lean_checkpoints_save_the_frozen_params_once(micro_config, tmp_path):
+    """Stage 1 trains the projector alone. Lean (the default): `frozen/` holds the tower and
+    the LLM once and each step only the projector (+ its Adam state); `every_save` writes
+    them at every step. Both runs train the same params, restored whole either way, and
+    stage 2 starts from the lean one (`init_from`) with the same params."""
+    runs = {}
+    for frozen in ("once", "every_save"):
+        micro_config.workdir = str(tmp_path / frozen)
+        micro_config.checkpoints.frozen = frozen
+        trained = param_tree.flatten(jax.device_get(run_stage(micro_config, "stage1")))
+        directory = Path(trainer.checkpoint_dir(micro_config, "stage1"))
+        stage, _, _ = make_stage(micro_config, "stage1")
+        restored, step = stage.restore_params(directory)
+        assert step == 4
+        restored = param_tree.flatten(jax.device_get(restored))
+        assert restored.keys() == trained.keys()
+        for path, value in trained.items():
+            np.testing.assert_array_equal(restored[path], value, err_msg=f"{frozen} {path}")
+        runs[frozen] = directory, trained, stage
+    lean_dir, lean_params, stage = runs["once"]
+    full_dir, full_params, _ = runs["every_save"]
+    for path, value in full_params.items():
+        np.testing.assert_array_equal(lean_params[path], value, err_msg=path)
+    assert not (full_dir / "frozen").exists()
+    predicted = checkpoint.saved_bytes(stage.abstract_state, stage.mask)
+    assert predicted["lean"] < predicted["every_save"] / 10  # the projector is small
+    for step in ("2", "4"):
+        full, lean = directory_bytes(full_dir / step), directory_bytes(lean_dir / step)
+        assert full >= predicted["every_save"] and lean >= predicted["lean"]
+        # orbax's own metadata and the data iterator's state come on top of the arrays
+        assert full - predicted["every_save"] == pytest.approx(lean - predicted["lean"], rel=0.5)
+    assert directory_bytes(lean_dir / "frozen") >= predicted["frozen_once"]
+
+    micro_config.workdir = str(tmp_path / "once")
+    stage2, _, _ = make_stage(micro_config, "stage2")
+    started = param_tree.flatten(jax.device_get(stage2.initial_params()))
+    for path, value in lean_params.items():
+        np.testing.assert_array_equal(started[path], value, err_msg=path)
+
+
 def test_missing_init_from_names_the_command(micro_config):
     mesh = sharding.make_mesh(micro_config.mesh.to_dict())
     stage = trainer.Stage(micro_config, "stage3", mesh, 300)
@@ -148,6 +192,7 @@ def test_missing_init_from_names_the_command(micro_config):
         ("model.moe.exchange", "sparse", "model.moe.exchange='sparse'"),
         ("data.reader_threads", -1, "data.reader_threads=-1"),
         ("model.moe.receive_factor", 0.0, "model.moe.receive_factor=0.0"),
+        ("checkpoints.frozen", "never", "checkpoints.frozen='never'"),
     ],
 )
 def test_bad_config_values_fail_naming_the_key(micro_config, key, value, match):

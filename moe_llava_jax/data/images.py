@@ -2,23 +2,20 @@
 
 The steps mirror the HF image processors used by the original code (shortest-side bicubic
 resize, centre crop, scale to [0, 1], per-channel normalisation) plus LLaVA's optional "pad"
-mode that first centres the image on a square canvas so nothing is cropped away.
+mode that first centres the image on a square canvas so nothing is cropped away. The host
+does the pixel work and hands over uint8; the scaling and normalisation run on the device
+(`models/pixels.py`), with the processor's mean and std from the model config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
+from moe_llava_jax.models.pixels import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 
 
 def load_image(image: str | Path | np.ndarray) -> np.ndarray:
@@ -76,13 +73,6 @@ def resize_shortest_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(resized)[top : top + size, left : left + size]
 
 
-def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 `[H, W, 3]` -> float32 `[H, W, 3]` of `(x / 255 - mean) / std`."""
-    _check_rgb(image)
-    scaled = image.astype(np.float32) / 255.0
-    return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class ImageProcessor:
     """What a vision tower was trained with. CLIP: bicubic resize of the short side, then a
@@ -116,13 +106,15 @@ def resize_to_square(image: np.ndarray, size: int) -> np.ndarray:
 def preprocess_image(
     image: np.ndarray, size: int, processor: ImageProcessor, pad_to_square: bool
 ) -> np.ndarray:
-    """uint8 `[H, W, 3]` -> float32 `[size, size, 3]` ready for the vision tower.
+    """uint8 `[H, W, 3]` -> uint8 `[size, size, 3]`, the pixels the vision tower's input is
+    normalised from (`models/pixels.py`, on the device).
 
     With `pad_to_square` the canvas colour is the normalisation mean, so padding is close to
     zero after normalisation and carries no signal (LLaVA's stage 2-3 "pad" mode).
     """
+    _check_rgb(image)
     if pad_to_square:
         background = tuple(int(m * 255) for m in processor.mean)
         image = expand_to_square(image, background)
     resize = resize_shortest_and_center_crop if processor.center_crop else resize_to_square
-    return normalize(resize(image, size), processor.mean, processor.std)
+    return resize(image, size)

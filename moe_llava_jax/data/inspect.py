@@ -10,7 +10,7 @@ a step consumes: a wrong template, image root, aspect mode or label mask is visi
 a run is spent on it. Per example it prints the decoded tokens with the unsupervised parts
 (label = IGNORE_INDEX) inside `[prompt]...[/prompt]` and the supervised ones plain, image
 placeholder runs as `<image×N>`, padding as `<pad×N>`, and token counts; it saves the
-preprocessed images as a PNG grid with the normalisation undone.
+preprocessed images (the uint8 pixels the model normalises) as a PNG grid.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from moe_llava_jax.data.conversation import (
     get_template,
     tokenize_conversation,
 )
-from moe_llava_jax.data.images import ImageProcessor
 from moe_llava_jax.data.pipeline import make_example
 from moe_llava_jax.data.tokenizer import Tokenizer
 
@@ -88,14 +87,8 @@ def token_counts(input_ids: np.ndarray, labels: np.ndarray, pad_id: int) -> dict
     }
 
 
-def unnormalize(image: np.ndarray, processor: ImageProcessor) -> np.ndarray:
-    """Model input [H, W, 3] f32 -> displayable [H, W, 3] in [0, 1]."""
-    mean, std = np.asarray(processor.mean), np.asarray(processor.std)
-    return np.clip(image * std + mean, 0.0, 1.0)
-
-
 def save_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: Path) -> None:
-    """Images (already in [0, 1]) in a grid of at most 4 columns, titled, as a PNG."""
+    """uint8 images in a grid of at most 4 columns, titled, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +139,7 @@ def inspect_stage(config: ml_collections.ConfigDict, stage: str, num: int, out: 
             f"{header}: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
             render_tokens(example["input_ids"], example["labels"], tokenizer),
         ]
-        images.append(unnormalize(example["images"], prep.processor))
+        images.append(example["images"])
         no_image = " (no image)" if record.get("image") is None else ""
         titles.append(f"{record.get('id')}{no_image}")
     if images:

@@ -50,10 +50,11 @@ class Preprocessing:
 
 
 def load_model_images(image: str | np.ndarray | None, prep: Preprocessing) -> np.ndarray:
-    """Preprocessed images [k, H, W, 3] f32 from a file path (JSON sources) or a decoded
-    uint8 array (TFDS sources): k = 1, or 0 for a text-only record."""
+    """Preprocessed images [k, H, W, 3] uint8 (the model normalises them) from a file path
+    (JSON sources) or a decoded uint8 array (TFDS sources): k = 1, or 0 for a text-only
+    record."""
     if image is None:
-        return np.zeros((0, prep.image_size, prep.image_size, 3), np.float32)
+        return np.zeros((0, prep.image_size, prep.image_size, 3), np.uint8)
     return image_ops.preprocess_image(
         image_ops.load_image(image), prep.image_size, prep.processor, prep.pad_to_square
     )[None]
@@ -119,7 +120,7 @@ def pack_first_fit(
         length_struct={"input_ids": length, "labels": length, "images": packing.image_slots},
         num_packing_bins=packing.bins,
         shuffle_bins=False,  # the stream is shuffled already
-        padding_struct={"input_ids": pad_id, "labels": IGNORE_INDEX, "images": 0.0},
+        padding_struct={"input_ids": pad_id, "labels": IGNORE_INDEX, "images": 0},
     )
     return packer.map(packed_row)
 

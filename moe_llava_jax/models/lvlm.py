@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_llava_jax.data.conversation import IMAGE_TOKEN_INDEX
-from moe_llava_jax.models import scan
+from moe_llava_jax.models import pixels, scan
 from moe_llava_jax.models.attention import AttentionKernel
 from moe_llava_jax.models.decoder import Decoder, DecoderConfig
 from moe_llava_jax.models.projector import Projector
@@ -42,6 +42,9 @@ class LVLMConfig:
     attention: str = "auto"  # an attention.IMPLEMENTATIONS name (`models/attention.py`)
     attention_chunk: int = 256  # xla attention: queries per chunk (0: all at once)
     platform: str = ""  # where it runs, for `auto` kernels ("": the default backend)
+    # The image processor's normalisation of uint8 pixels (`models/pixels.py`).
+    pixel_mean: pixels.Triple = pixels.CLIP_MEAN
+    pixel_std: pixels.Triple = pixels.CLIP_STD
 
     @property
     def attention_kernel(self) -> AttentionKernel:
@@ -115,6 +118,7 @@ class MoELLaVA(nn.Module):
         """
         embeds = self.decoder.embed(input_ids)
         if images is not None:
+            images = pixels.model_input(images, self.config.pixel_mean, self.config.pixel_std)
             slots = images.reshape(-1, *images.shape[-3:])  # [b m, H, W, 3]
             features = self.projector(self.vision(slots))  # [b m, n, d]
             features = features.reshape(embeds.shape[0], -1, features.shape[-1])  # [b, m n, d]
