@@ -4,8 +4,9 @@
         [--workers 1,2] [--step_rate STEPS_PER_S]
 
 Timed: LLaVA records -> `make_example`, i.e. phi chat-template tokenization plus 336-px CLIP
-preprocessing in LLaVA's pad mode (decode, pad to square, bicubic resize + centre crop,
-normalise; 576 image tokens, max_length 2048), read through grain from
+preprocessing in LLaVA's pad mode (decode, pad to square, bicubic resize + centre crop to the
+uint8 pixels the model normalises on the device; 576 image tokens, max_length 2048), read
+through grain from
   - json: `LlavaJsonSource`, one PNG file per record;
   - tfds: `TfdsSource` over the same records converted by `convert_to_tfds` (ArrayRecord);
 each with k reader threads in this process (`grain.ReadOptions(num_threads=k)`) and with k
@@ -112,7 +113,7 @@ def write_data(root: Path, num_images: int) -> tuple[Path, Path]:
 
 def per_example_costs(source: LlavaJsonSource, tokenizer: Tokenizer, count: int) -> dict:
     """Median milliseconds per example of each step, single-threaded, no grain."""
-    times: dict[str, list[float]] = {"decode PNG": [], "pad+resize+normalise": [], "tokenize": []}
+    times: dict[str, list[float]] = {"decode PNG": [], "pad+resize+crop": [], "tokenize": []}
     for index in range(count):
         record = source[index % len(source)]
         start = time.perf_counter()
@@ -123,7 +124,7 @@ def per_example_costs(source: LlavaJsonSource, tokenizer: Tokenizer, count: int)
         tokenize_conversation(record["conversations"], TEMPLATE, tokenizer, PREP.num_image_tokens)
         tokenized = time.perf_counter()
         times["decode PNG"].append(decoded - start)
-        times["pad+resize+normalise"].append(preprocessed - decoded)
+        times["pad+resize+crop"].append(preprocessed - decoded)
         times["tokenize"].append(tokenized - preprocessed)
     return {step: 1000 * statistics.median(t) for step, t in times.items()}
 

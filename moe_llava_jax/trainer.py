@@ -234,7 +234,7 @@ class Stage(StageModel):
         cast = lambda p: freeze.cast_frozen(p, self.mask, self.frozen_dtype)
         return jax.jit(cast, out_shardings=self.param_shardings, donate_argnums=0)(params)
 
-    def initial_state(self, manager, data_iterator, lean: bool) -> dict:
+    def initial_state(self, manager, data_iterator, *, lean: bool = False) -> dict:
         """The latest checkpoint's state (and data position), else step 0 from `init_from`
         (its frozen params written to the checkpoints' `frozen/` when saving `lean`)."""
         if manager.latest_step() is not None:
@@ -312,7 +312,7 @@ def train_stage(stage: Stage, source: RecordSource, tokenizer: Tokenizer) -> dic
         lean = config.checkpoints.frozen == "once"
     else:
         lean = checkpoint.saves_lean(manager)
-    state = stage.initial_state(manager, data_iterator, lean)
+    state = stage.initial_state(manager, data_iterator, lean=lean)
     start = int(jax.device_get(state["step"]))
     meta = {"stage": stage.name, "config": config.to_json()}
     trainable = stage.mask if lean else None  # lean: steps save the trainable params
