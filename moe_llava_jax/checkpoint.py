@@ -16,6 +16,7 @@ A checkpoints directory may be a local path or an object store's URL (`gs://...`
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,29 @@ from moe_llava_jax import param_tree
 
 FROZEN = "frozen"  # the folder of a stage's frozen params, beside its step folders
 LEAN_META_KEY = "frozen_saved_once"  # in a step's meta: its params item is the trainable part
+
+
+# Object stores a checkpoints directory may name, and the package etils' paths (orbax's
+# folder operations) need for each; tensorstore writes the arrays itself.
+OBJECT_STORES = {"gs": "gcsfs", "s3": "s3fs"}
+
+
+def check_location(directory: str, key: str) -> None:
+    """Fails now, naming config key `key`, on a URL no installed package can write to."""
+    scheme, separator, _ = directory.partition("://")
+    if not separator:
+        return
+    if scheme not in OBJECT_STORES:
+        raise ValueError(
+            f"config key {key}={directory!r}: {scheme}:// is not supported; give a path or "
+            f"one of {[f'{s}://' for s in OBJECT_STORES]}"
+        )
+    package = OBJECT_STORES[scheme]
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(
+            f"config key {key}={directory!r}: {scheme}:// needs the {package} package "
+            f"(pip install {package})"
+        )
 
 
 def location(directory: str | os.PathLike) -> epath.Path:

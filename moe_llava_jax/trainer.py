@@ -96,6 +96,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if not config[name].moe:
             raise ValueError(f"config key routing.after names {name!r}, which has no MoE layers")
     freeze.storage_dtype(config.model.frozen_param_dtype, "model.frozen_param_dtype")
+    checkpoint.check_location(config.checkpoints.root, "checkpoints.root")
     if config.checkpoints.frozen not in CHECKPOINT_FROZEN:
         raise ValueError(
             f"config key checkpoints.frozen={config.checkpoints.frozen!r}: expected one of "

@@ -127,6 +127,15 @@ def test_a_looped_checkpoint_starts_a_scanned_stage(micro_config):
         np.testing.assert_array_equal(restored[path], value, err_msg=path)
 
 
+def test_an_object_store_without_its_package_names_the_key_and_the_package(
+    micro_config, monkeypatch
+):
+    micro_config.checkpoints.root = "gs://bucket/run"
+    monkeypatch.setattr(checkpoint.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"checkpoints.root='gs://bucket/run'.*pip install gcsfs"):
+        trainer.validate_config(micro_config)
+
+
 def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -193,6 +202,7 @@ def test_missing_init_from_names_the_command(micro_config):
         ("data.reader_threads", -1, "data.reader_threads=-1"),
         ("model.moe.receive_factor", 0.0, "model.moe.receive_factor=0.0"),
         ("checkpoints.frozen", "never", "checkpoints.frozen='never'"),
+        ("checkpoints.root", "ftp://host/run", "checkpoints.root='ftp://host/run'"),
     ],
 )
 def test_bad_config_values_fail_naming_the_key(micro_config, key, value, match):
