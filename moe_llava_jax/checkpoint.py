@@ -133,12 +133,12 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 def save_frozen(directory: str | os.PathLike, params: Any, trainable: Any) -> None:
     """Writes the frozen params (`trainable` False) to `directory/frozen`, synchronously, so
     they are complete before any step checkpoint relies on them. Called when a stage starts
-    from step 0: it replaces whatever an earlier start that saved no step left there."""
-    frozen = params_subtree(params, trainable, False)
-    if not frozen:
-        return
+    from step 0 (a stage that freezes something): it replaces whatever an earlier start
+    that saved no step left there."""
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(location(directory) / FROZEN, frozen, force=True)
+    checkpointer.save(
+        location(directory) / FROZEN, params_subtree(params, trainable, False), force=True
+    )
     checkpointer.wait_until_finished()
     checkpointer.close()
 

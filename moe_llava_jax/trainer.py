@@ -309,8 +309,8 @@ def train_stage(stage: Stage, source: RecordSource, tokenizer: Tokenizer) -> dic
     suffix = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
     skip_log = stage.skip_log(source, stage_dir / f"skipped{suffix}.jsonl")
     data_iterator = iter(stage.dataset(source, tokenizer, skip_log))
-    if manager.latest_step() is None:
-        lean = config.checkpoints.frozen == "once"
+    if manager.latest_step() is None:  # lean: the stage freezes something and saves it once
+        lean = config.checkpoints.frozen == "once" and not all(jax.tree.leaves(stage.mask))
     else:
         lean = checkpoint.saves_lean(manager)
     state = stage.initial_state(manager, data_iterator, lean=lean)

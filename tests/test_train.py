@@ -180,6 +180,19 @@ def test_lean_checkpoints_save_the_frozen_params_once(micro_config, tmp_path):
         np.testing.assert_array_equal(started[path], value, err_msg=path)
 
 
+def test_a_stage_that_freezes_nothing_saves_whole_params(micro_config):
+    """Nothing to write once: every step holds all params (no `frozen/`), restored whole."""
+    del micro_config.stage1.trainable  # a preset name; a config file may give rules instead
+    micro_config.stage1.trainable = [[".*", True]]
+    trained = param_tree.flatten(jax.device_get(run_stage(micro_config, "stage1")))
+    directory = Path(trainer.checkpoint_dir(micro_config, "stage1"))
+    assert not (directory / "frozen").exists()
+    stage, _, _ = make_stage(micro_config, "stage1")
+    restored = param_tree.flatten(jax.device_get(stage.restore_params(directory)[0]))
+    for path, value in trained.items():
+        np.testing.assert_array_equal(restored[path], value, err_msg=path)
+
+
 def test_missing_init_from_names_the_command(micro_config):
     mesh = sharding.make_mesh(micro_config.mesh.to_dict())
     stage = trainer.Stage(micro_config, "stage3", mesh, 300)
