@@ -11,7 +11,8 @@ so (`frozen_saved_once`). Orbax lists and garbage-collects step folders only, so
 stays. Restoring merges the two; a step without that mark holds whole params, as before.
 
 A checkpoints directory may be a local path or an object store's URL (`gs://...`,
-`s3://...`): orbax writes through tensorstore, which speaks those natively.
+`s3://...`): orbax writes the arrays through tensorstore, which speaks those natively, and
+its folders through etils' paths, which need gcsfs / s3fs (`check_location`).
 """
 
 from __future__ import annotations
@@ -64,11 +65,14 @@ def location(directory: str | os.PathLike) -> epath.Path:
     return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
-def params_subtree(params: Any, mask: Any, trainable: bool) -> dict:
-    """The params whose `mask` entry is `trainable` (a tree of the same structure)."""
-    flat_mask = param_tree.flatten(mask)
-    flat = param_tree.flatten(params)
-    return param_tree.unflatten({k: v for k, v in flat.items() if flat_mask[k] == trainable})
+def split_params(params: Any, mask: Any) -> tuple[dict, dict]:
+    """(trainable, frozen) params as two trees (`param_tree.partition` by `mask`)."""
+    return tuple(param_tree.unflatten(half) for half in param_tree.partition(params, mask))
+
+
+def _meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The JSON item of checkpoint `step` ({"stage", "config", LEAN_META_KEY})."""
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
 def make_manager(
@@ -109,7 +113,7 @@ def save(
     drawn. Off the save interval (and unforced) it returns at once, touching no array."""
     params = state["params"]
     if trainable is not None:
-        params = params_subtree(params, trainable, True)
+        params = split_params(params, trainable)[0]
     meta = {**meta, LEAN_META_KEY: trainable is not None}
     return manager.save(
         step,
@@ -137,7 +141,7 @@ def save_frozen(directory: str | os.PathLike, params: Any, trainable: Any) -> No
     that saved no step left there."""
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(
-        location(directory) / FROZEN, params_subtree(params, trainable, False), force=True
+        location(directory) / FROZEN, split_params(params, trainable)[1], force=True
     )
     checkpointer.wait_until_finished()
     checkpointer.close()
@@ -180,7 +184,7 @@ def restore_state(
     """Restores the latest checkpoint of the manager onto `abstract_state`'s shapes/shardings,
     and moves `data_iterator` (in place) to where that step left the data."""
     step = manager.latest_step()
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = _meta(manager, step)
     restored = {}
 
     def restore_step(abstract_params: Any) -> Any:
@@ -210,10 +214,10 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any) -> tuple[
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {directory}")
-    restore = lambda **items: manager.restore(step, args=ocp.args.Composite(**items))
-    meta = restore(meta=ocp.args.JsonRestore())["meta"]
-    restore_step = lambda abstract: restore(params=ocp.args.StandardRestore(abstract))["params"]
-    params = _restore_params(directory, meta, abstract_params, restore_step)
+    restore_step = lambda abstract: manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+    )["params"]
+    params = _restore_params(directory, _meta(manager, step), abstract_params, restore_step)
     manager.close()
     return params, step
 
@@ -221,9 +225,7 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any) -> tuple[
 def saves_lean(manager: ocp.CheckpointManager) -> bool:
     """Whether the latest step of `manager` saved its params lean (a resumed stage goes on
     as it started, whatever `checkpoints.frozen` says now)."""
-    step = manager.latest_step()
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    return bool(meta.get(LEAN_META_KEY, False))
+    return bool(_meta(manager, manager.latest_step()).get(LEAN_META_KEY, False))
 
 
 def restore_meta(directory: str | os.PathLike) -> dict:
@@ -232,7 +234,7 @@ def restore_meta(directory: str | os.PathLike) -> dict:
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {directory}")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = _meta(manager, step)
     manager.close()
     return meta
 
@@ -244,10 +246,10 @@ def saved_bytes(abstract_state: dict, trainable: Any) -> dict[str, int]:
     size = lambda tree: sum(
         int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
     )
-    params, opt = abstract_state["params"], size(abstract_state["opt_state"])
-    frozen = size(params_subtree(params, trainable, False))
+    trained, frozen = split_params(abstract_state["params"], trainable)
+    opt = size(abstract_state["opt_state"])
     return {
-        "every_save": size(params) + opt,
-        "lean": size(params_subtree(params, trainable, True)) + opt,
-        "frozen_once": frozen,
+        "every_save": size(trained) + size(frozen) + opt,
+        "lean": size(trained) + opt,
+        "frozen_once": size(frozen),
     }
